@@ -1,0 +1,34 @@
+# cskd_ray — run `make help` for the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
+
+demo: $(STAMP) ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
+	$(VENV)/bin/cskd-ray demo --workdir runs/demo
+
+test: $(STAMP) ## Run the test suite (CPU, local Ray, moto S3 on loopback)
+	$(PY) -m pytest
+
+lint: $(STAMP) ## Check style with ruff
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP) ## Run the benchmarks (ratios measured side by side; see docs/benchmarks.md)
+	$(PY) benchmarks/bench_features.py --extra-images 768
+
+clean: ## Remove runs/ and caches (keeps .venv)
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,149 @@
+"""``cskd-ray``: one subcommand per stage; each parses arguments and calls one driver function.
+
+Errors a user can fix (a bad config, argument, path or model name) exit with status 2 and one
+``error:`` line on stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from cskd_ray import storage
+from cskd_ray.config import ConfigError
+
+EXIT_USAGE = 2
+RANDOM_WEIGHTS_NOTE = (
+    "note: CLIP weights are RANDOM (no model hub offline): features are not real CLIP features. For real "
+    "ones set clip.pretrained to an open_clip tag (e.g. --set clip.name=ViT-L-14 --set clip.pretrained=openai), "
+    "a checkpoint path or an s3:// URI."
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cskd_ray.data.labels import LabelFormatError
+    from cskd_ray.data.sources import SourceError
+    from cskd_ray.models import UnknownModelError, WeightsUnavailableError
+
+    return (ConfigError, SourceError, storage.StorageError, UnknownModelError, WeightsUnavailableError,
+            LabelFormatError, FileNotFoundError)
+
+
+def _add_stage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config of the stage (see jobs/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), repeatable")
+    parser.add_argument("--input", nargs="+", metavar="URI", help="override the config's input URIs")
+    parser.add_argument("--output", metavar="URI", help="override the config's output URI")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cskd-ray`` (also used by ``jobs/*.py``)."""
+    parser = argparse.ArgumentParser(prog="cskd-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="generate demo data and run the pipeline on a local Ray")
+    demo.add_argument("--workdir", default="runs/demo", help="where data and outputs go (default runs/demo)")
+    demo.add_argument("--num-images", type=int, default=600)
+    demo.add_argument("--config", default=None, help="features config (default jobs/configs/demo/features.yaml)")
+
+    data = sub.add_parser("make-demo-data", help="generate photo-like images with AVA-style labels")
+    data.add_argument("--output", required=True)
+    data.add_argument("--num-images", type=int, default=1000)
+    data.add_argument("--labeled-fraction", type=float, default=0.1)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--image-size", type=int, default=128)
+    data.add_argument("--num-corrupt", type=int, default=0, help="add this many broken files")
+
+    features = sub.add_parser("features", help="cache CLIP features of images (Ray Data)")
+    _add_stage_args(features)
+
+    models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
+    models.add_argument("kind", choices=["clip", "encoders"])
+    models.add_argument("--pattern", default="", help="glob filter, e.g. 'mobilenet*'")
+    return parser
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    """Generate demo data and print where it went."""
+    from cskd_ray.data.demo import make_demo_data
+
+    try:
+        summary = make_demo_data(args.output, args.num_images, args.labeled_fraction, args.seed,
+                                 image_size=args.image_size, num_corrupt=args.num_corrupt)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(json.dumps(summary.__dict__, indent=2))
+    return 0
+
+
+def run_features_command(config: str, overrides: list[str], input_uris: list[str] | None,
+                         output_uri: str | None) -> dict:
+    """Load and validate the features config, start Ray, run the stage, print and return the summary."""
+    from cskd_ray.config import load_config
+    from cskd_ray.features import plan_features, run_features
+    from cskd_ray.runtime import init_ray
+
+    cfg = load_config("features", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    plan = plan_features(cfg)  # every user error surfaces here, before Ray starts
+    init_ray()
+    result = run_features(cfg, plan, progress=lambda line: print(line, flush=True))
+    summary = result.to_dict()
+    print(f"features: {result.inputs} images, {result.already_cached} already cached, {result.new_rows} new rows "
+          f"({result.computed} computed, {result.reused} reused by content), {result.errors} errors, "
+          f"{result.images_per_s:.1f} img/s, {result.seconds:.1f} s")
+    print(f"features: cache at {result.output}")
+    if result.random_weights:
+        print(RANDOM_WEIGHTS_NOTE)
+    return summary
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """``cskd-ray features CONFIG``."""
+    run_features_command(args.config, args.overrides, args.input, args.output)
+    return 0
+
+
+def cmd_list_models(args: argparse.Namespace) -> int:
+    """Print model names, one per line."""
+    import fnmatch
+
+    from cskd_ray.models import list_clip_models, list_encoders
+
+    names = list_clip_models() if args.kind == "clip" else list_encoders(args.pattern)
+    print("\n".join(n for n in names if not args.pattern or fnmatch.fnmatch(n, args.pattern)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``cskd-ray demo``: see :mod:`cskd_ray.demo_pipeline`."""
+    from cskd_ray.demo_pipeline import run_demo
+
+    run_demo(args.workdir, args.num_images, args.config)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
+            "list-models": cmd_list_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cskd-ray`` and ``jobs/*.py``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Typed, validated stage configs: defaults, then a YAML file, then ``--set key=value`` overrides.
+
+Every stage has one pydantic model here. Unknown keys are errors that list the valid keys; a value of
+the wrong type or outside its choices names the key and what is allowed. The resolved config is saved
+next to every output (``resolved_config.yaml``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cskd_ray.data.decode import DEFAULT_MAX_PIXELS
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it and the valid choices."""
+
+
+class StrictModel(BaseModel):
+    """Base for configs: unknown keys are rejected and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(StrictModel):
+    """One input source: a directory/prefix, a glob, or a manifest (CSV/Parquet with a ``uri`` column)."""
+
+    uri: str = Field(description="Local path or s3:// URI of a directory, prefix, glob or manifest file.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source when sources are mixed.")
+    max_images: int | None = Field(None, ge=1, description="Cap on the images taken from this source.")
+    suffixes: list[str] | None = Field(None, description="Keep only names with these endings, e.g. [.jpg].")
+    kind: Literal["auto", "listing", "manifest"] = Field(
+        "auto", description="auto: a .csv/.parquet file is a manifest, anything else is listed."
+    )
+
+
+class ClipConfig(StrictModel):
+    """The frozen CLIP image encoder whose features are cached."""
+
+    name: str = Field("cskd-tiny-vit", description="open_clip model name or hf-hub:org/repo.")
+    pretrained: str | None = Field(
+        None, description="open_clip tag (openai, laion2b_...), checkpoint path, s3:// URI, or null for random."
+    )
+    seed: int = Field(0, description="Seed of random weights, so every actor builds the same model.")
+
+
+class FeaturesConfig(StrictModel):
+    """The features stage: sources → decode → CLIP actors → Parquet feature cache."""
+
+    input: list[SourceConfig] = Field(description="Input sources (a plain string is a source URI).")
+    output: str = Field(description="Feature cache URI (local folder or s3:// prefix).")
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    max_images: int | None = Field(None, ge=1, description="Total cap; sources share it by weight.")
+    seed: int = Field(0, description="Seed for sampling under caps and for mixing order.")
+    batch_size: int = Field(64, ge=1, description="Images per CLIP forward pass.")
+    decode_batch_size: int = Field(16, ge=1, description="Images per decode task batch.")
+    decode_num_cpus: float = Field(
+        0.5, gt=0, description="CPUs per read/decode task; unlike the actors' value, so Ray does not fuse decoding "
+        "into the actors (it then overlaps model start-up and compute)."
+    )
+    concurrency: int = Field(1, ge=1, description="Number of CLIP actors.")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per actor; 0: the machine's cores / actors.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU.")
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused (bombs).")
+    shard_rows: int = Field(4096, ge=1, description="Rows per output Parquet shard.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _strings_are_sources(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"uri": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig}
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config model found at a validation-error location (list indices are skipped)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in candidates for a in typing.get_args(c)]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current
+
+
+def _format_error(stage: str, source: str, exc: ValidationError, model: type[BaseModel]) -> ConfigError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, err["loc"][:-1])
+        valid = sorted(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"{source}: unknown key {key!r} in {stage} config{hint}; valid keys: {', '.join(valid)}")
+    if err["type"] == "missing":
+        return ConfigError(f"{source}: missing required key {key!r} in {stage} config")
+    return ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` into (``["a", "b"]``, YAML-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set batch_size=32")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def _apply(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for part in keys[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {part!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(
+    stage: str,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    input_uris: list[str] | None = None,
+    output_uri: str | None = None,
+) -> StrictModel:
+    """Build a stage config from a YAML file, ``--set`` overrides and ``--input``/``--output`` flags.
+
+    Raises:
+        ConfigError: The file is missing or not a mapping, a key is unknown, or a value is invalid.
+    """
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGE_CONFIGS)}")
+    model = STAGE_CONFIGS[stage]
+    data: dict = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        data = loaded
+    for item in overrides or []:
+        _apply(data, *parse_override(item))
+    if input_uris:
+        data["input"] = list(input_uris)
+    if output_uri:
+        data["output"] = output_uri
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _format_error(stage, source, exc, model) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what is saved next to outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

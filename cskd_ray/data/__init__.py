@@ -1,0 +1,1 @@
+"""Data layer: sources, robust decoding, preprocessing, label readers and demo data."""

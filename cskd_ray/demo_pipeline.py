@@ -1,0 +1,35 @@
+"""``cskd-ray demo``: generate demo data, run the pipeline on a local Ray, print what it did.
+
+At this stage the pipeline is the features stage; the training stages join it as they land.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cskd_ray import storage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FEATURES_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "features.yaml"
+
+
+def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
+    """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
+    from cskd_ray.cli import run_features_command
+    from cskd_ray.data.demo import make_demo_data
+
+    start = time.perf_counter()
+    data_dir = Path(workdir) / "data"
+    print(f"demo: generating {num_images} demo images in {data_dir} ...", flush=True)
+    data = make_demo_data(data_dir, num_images, labeled_fraction=0.25, seed=0, num_corrupt=3)
+    print(f"demo: {data.num_images} images ({data.num_labeled} labeled, {data.num_test} test, "
+          f"{data.num_corrupt} deliberately corrupt files)", flush=True)
+    config = str(features_config or DEFAULT_FEATURES_CONFIG)
+    features = run_features_command(config, [], [data.images_dir], str(Path(workdir) / "features"))
+    summary = {"workdir": workdir, "data": data.__dict__, "features": features,
+               "total_seconds": round(time.perf_counter() - start, 2)}
+    storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
+    print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")
+    return summary

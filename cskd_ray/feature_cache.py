@@ -1,0 +1,112 @@
+"""The feature cache: Parquet shards with one row per input URI, keyed by (sha256, model key).
+
+Layout of a cache folder (local or s3://)::
+
+    _meta.json                 model name, weights digest, preprocessing, dimension, model key
+    part-<time>-<id>.parquet   shards: uri, sha256, feature (list<float16|float32>, null on error), error
+    _runs/<time>-<id>.json     what each run did and its resolved config
+
+Shards are written atomically under unique names and never rewritten: readers never see half a
+shard, and a killed run loses at most the rows it had not written yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from cskd_ray import storage
+from cskd_ray.config import ConfigError
+from cskd_ray.data.transforms import PreprocessSpec
+
+META_FILE = "_meta.json"
+SHARD_PREFIX = "part-"
+
+
+def feature_schema(dtype: str = "float16") -> pa.Schema:
+    """The schema of the feature cache table."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [("uri", pa.string()), ("sha256", pa.string()), ("feature", pa.list_(value)), ("error", pa.string())]
+    )
+
+
+def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: str = "pooled") -> str:
+    """The model half of the cache key: a digest of model name, weights, preprocessing and output kind."""
+    blob = json.dumps({"model": clip_name, "weights": weights, "preprocess": preprocess.to_dict(), "kind": kind},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Read and append to a feature cache folder (local or s3://)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+
+    def read_meta(self) -> dict | None:
+        """The cache's ``_meta.json``, or None for a new cache."""
+        meta_uri = storage.join(self.uri, META_FILE)
+        return json.loads(storage.read_text(meta_uri)) if storage.exists(meta_uri) else None
+
+    def shards(self) -> list[str]:
+        """The complete shards (temporary files of interrupted writes are never listed)."""
+        if not storage.exists(self.uri):
+            return []
+        return [e.uri for e in storage.list_files(self.uri, (".parquet",))
+                if e.uri.rsplit("/", 1)[-1].startswith(SHARD_PREFIX)]
+
+    def read(self, columns: list[str] | None = None, filter_expr: Any = None) -> pa.Table:
+        """Read the cache (optionally some columns / a row filter) as one table."""
+        shards = self.shards()
+        if not shards:
+            return feature_schema().empty_table().select(columns or feature_schema().names)
+        fs, _ = storage.resolve(self.uri)
+        dataset = pads.dataset([storage.resolve(s)[1] for s in shards], filesystem=fs, format="parquet")
+        return dataset.to_table(columns=columns, filter=filter_expr)
+
+    def lookup(self, digests: set[str]) -> pa.Table:
+        """One row per digest found in the cache: a row with a feature when there is one, else its error row."""
+        if not digests:
+            return feature_schema().empty_table()
+        table = self.read(filter_expr=pads.field("sha256").isin(pa.array(sorted(digests), pa.string())))
+        best: dict[str, int] = {}
+        for i, (digest, error) in enumerate(zip(table.column("sha256").to_pylist(),
+                                                table.column("error").to_pylist(), strict=True)):
+            if digest not in best or (error is None and table.column("error")[best[digest]].is_valid):
+                best[digest] = i
+        return table.take(pa.array(sorted(best.values()), pa.int64()))
+
+    def write_shard(self, table: pa.Table) -> str:
+        """Write one shard atomically under a fresh unique name and return its URI."""
+        name = f"{SHARD_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        uri = storage.join(self.uri, name)
+        storage.write_bytes_once(uri, sink.getvalue())
+        return uri
+
+    def check_meta(self, meta: dict) -> None:
+        """Raise :class:`ConfigError` when the cache holds features of another model than ``meta``'s."""
+        current = self.read_meta()
+        if current is not None and current.get("model_key") != meta["model_key"]:
+            raise ConfigError(
+                f"output {self.uri} holds features of {current.get('model')} ({current.get('weights')}, key "
+                f"{current.get('model_key')}), not of {meta['model']} ({meta['weights']}, key {meta['model_key']}); "
+                "choose another output"
+            )
+
+    def ensure_meta(self, meta: dict) -> None:
+        """Write ``_meta.json`` for a new cache, or check that an existing cache holds the same model."""
+        self.check_meta(meta)
+        if self.read_meta() is None:
+            storage.makedirs(self.uri)
+            storage.write_text_once(storage.join(self.uri, META_FILE), json.dumps(meta, indent=2))

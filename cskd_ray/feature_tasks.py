@@ -1,0 +1,136 @@
+"""The Ray-side pieces of the features stage: content registry, read/decode tasks, CLIP actors.
+
+Each input's bytes are read exactly once. A read task hashes them and asks the
+:class:`ContentRegistry` which digests are new; only the first URI with a given content (and no copy in
+the cache) is decoded and embedded, the others are marked ``deferred`` and get the representative's
+row when the driver resolves them from the cache at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cskd_ray import storage
+from cskd_ray.data.decode import decode_image
+from cskd_ray.data.transforms import PreprocessSpec, resize_crop
+
+
+class ContentRegistry:
+    """Remembers which contents (sha256) are cached or already claimed by a task in this run.
+
+    Run as a Ray actor with ``num_cpus=0``; one call per batch, so its cost is one RPC per batch.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def add(self, digests: list[str]) -> None:
+        """Mark digests as known (already in the cache)."""
+        self.seen.update(digests)
+
+    def claim(self, digests: list[str]) -> list[bool]:
+        """For each digest, True when the caller is the first to see it and must compute it."""
+        claimed = []
+        for digest in digests:
+            claimed.append(digest not in self.seen)
+            self.seen.add(digest)
+        return claimed
+
+
+def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int, registry: Any) -> dict:
+    """Ray Data task: read, hash, claim, decode and resize/crop a batch of URIs.
+
+    Returns columns ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8, ``error``
+    (``""`` when fine: a string column keeps its type through Ray's block conversions) and ``deferred``
+    (the content is cached or claimed by another row: nothing to compute). No file raises.
+    """
+    import ray
+
+    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    size, n = preprocess.image_size, len(batch["uri"])
+    uris = [str(u) for u in batch["uri"]]
+    contents: list[bytes | None] = []
+    digests, errors = [""] * n, [""] * n
+    for i, uri in enumerate(uris):
+        try:
+            data = storage.read_bytes(uri)
+            digests[i] = hashlib.sha256(data).hexdigest()
+        except (OSError, ValueError) as exc:
+            data, errors[i] = None, f"read error: {exc}"
+        contents.append(data)
+    readable = [i for i in range(n) if digests[i]]
+    claimed = ray.get(registry.claim.remote([digests[i] for i in readable])) if readable else []
+    deferred = np.zeros(n, dtype=bool)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    for i, is_new in zip(readable, claimed, strict=True):
+        if not is_new:
+            deferred[i] = True
+            continue
+        decoded = decode_image(contents[i], max_pixels, draft_size=size)
+        if decoded.ok:
+            pixels[i] = resize_crop(decoded.image, preprocess)
+        errors[i] = decoded.error or ""
+    return {"uri": np.array(uris, dtype=str), "sha256": np.array(digests, dtype=str), "pixels": pixels,
+            "error": np.array(errors, dtype=str), "deferred": deferred}
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """Resolve ``auto`` precision: fp16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    return precision
+
+
+class ClipFeatureActor:
+    """Ray Data actor: loads the frozen CLIP image tower once and embeds batches of uint8 images."""
+
+    def __init__(self, clip: dict, device: str, precision: str, feature_dtype: str, torch_threads: int,
+                 actors: int = 1) -> None:
+        import torch
+
+        from cskd_ray.models import create_clip
+
+        if device == "cpu":
+            # Ray pins OMP threads to the actor's num_cpus; CPU inference wants the node's cores.
+            torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // actors))
+        self.torch = torch
+        self.loaded = create_clip(clip["name"], clip.get("pretrained"), seed=clip.get("seed", 0))
+        self.device = torch.device(device)
+        self.model = self.loaded.model.to(self.device)
+        if device == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(pick_precision(precision, device))
+        self.value_type = pa.float16() if feature_dtype == "float16" else pa.float32()
+        self.np_dtype = np.float16 if feature_dtype == "float16" else np.float32
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """CLIP image features of a ``(N, S, S, 3)`` uint8 batch, as float32 numpy."""
+        from cskd_ray.data.transforms import normalize_batch
+
+        inputs = normalize_batch(pixels, self.loaded.preprocess, self.device)
+        autocast = self.torch.autocast(self.device.type, dtype=self.autocast_dtype or self.torch.float32,
+                                       enabled=self.autocast_dtype is not None)
+        with self.torch.inference_mode(), autocast:
+            return self.model(inputs).float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Embed the rows to compute; return ``uri, sha256, feature, error, deferred``."""
+        errors = [str(e) or None for e in batch["error"]]
+        deferred = np.asarray(batch["deferred"], dtype=bool)
+        ok = np.array([e is None for e in errors], dtype=bool) & ~deferred
+        dim = self.loaded.dim
+        features = np.zeros((len(errors), dim), dtype=self.np_dtype)
+        if ok.any():
+            features[ok] = self.embed(batch["pixels"][ok]).astype(self.np_dtype)
+        offsets = pa.array(np.arange(0, (len(errors) + 1) * dim, dim, dtype=np.int32))
+        feature_col = pa.ListArray.from_arrays(offsets, pa.array(features.reshape(-1), type=self.value_type),
+                                               mask=pa.array(~ok))
+        return pa.table({"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+                         "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
+                         "feature": feature_col, "error": pa.array(errors, pa.string()),
+                         "deferred": pa.array(deferred)})

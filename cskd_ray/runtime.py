@@ -1,0 +1,41 @@
+"""Starting or joining Ray, for the CLI and the job entry points (the library never does this itself)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
+
+    A local Ray binds to 127.0.0.1 only, starts no dashboard, and ignores a stale
+    ``ray_current_cluster`` file left by a killed run (``address="local"``).
+
+    Args:
+        num_cpus: Logical CPUs of a local Ray (default: the machine's cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = True
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        pass

@@ -1,0 +1,250 @@
+"""One way to open any URI: local paths and ``s3://`` through pyarrow filesystems.
+
+The S3 endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables and the
+region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials come from the standard AWS chain
+(environment, shared credentials file, instance profile) inside pyarrow. Nothing here reads
+credentials from config files of this project or logs them.
+
+Outputs are written atomically and at most once: :func:`write_bytes_once` writes to a temporary name
+and renames it into place on local disks, and relies on S3's all-or-nothing ``PutObject`` /
+multipart completion on object storage, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEMES = ("s3", "s3a")
+GLOB_CHARS = "*?["
+
+
+class StorageError(OSError):
+    """A URI cannot be opened, listed or written; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One object found by :func:`list_files`."""
+
+    uri: str
+    size: int
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage rather than a local path."""
+    return urlparse(uri).scheme in S3_SCHEMES
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from the standard AWS variables, or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the environment (endpoint, region; credentials from AWS chain)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3_filesystem(s3_endpoint(), region)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Split a URI into a pyarrow filesystem and the path inside it.
+
+    Args:
+        uri: A local path (absolute, relative or ``file://``) or ``s3://bucket/key``.
+
+    Returns:
+        The filesystem and the path to pass to it (``bucket/key`` for S3, an absolute path locally).
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in S3_SCHEMES:
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/prefix")
+        # Keys may hold '#' or '?': take everything after the scheme, not urlparse's path.
+        return s3_filesystem(), uri.split("://", 1)[1].rstrip("/")
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(uri.split("://", 1)[1])
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use a local path or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _to_uri(template: str, path: str) -> str:
+    """Turn a filesystem path back into a URI of the same kind as ``template``."""
+    if is_remote(template):
+        return f"{urlparse(template).scheme}://{path}"
+    return path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (works for s3:// and local paths alike)."""
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory exists at ``uri``."""
+    fs, path = resolve(uri)
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
+def is_dir(uri: str) -> bool:
+    """Whether ``uri`` is a directory (or a non-empty S3 prefix)."""
+    fs, path = resolve(uri)
+    return _info(fs, path, uri).type == pafs.FileType.Directory
+
+
+def _matches(path: str, suffixes: tuple[str, ...] | None) -> bool:
+    name = posixpath.basename(path)
+    if name.startswith((".", "_")):
+        return False  # hidden files and markers such as _SUCCESS / _meta.json are never inputs
+    return suffixes is None or name.lower().endswith(tuple(s.lower() for s in suffixes))
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[FileEntry]:
+    """List the files under a directory/prefix, or matching a glob, in sorted order.
+
+    By default every object is an input (object keys often have no extension; the decoder decides
+    what is an image); ``suffixes`` keeps only names ending with one of them (case-insensitive).
+    Names starting with ``.`` or ``_`` are skipped.
+
+    Args:
+        uri: A directory, an S3 prefix, a single file, or a glob such as ``s3://b/photos/*/*.jpg``.
+        suffixes: Optional name endings to keep, e.g. ``(".jpg", ".png")``.
+
+    Raises:
+        StorageError: When nothing exists at ``uri`` (for a glob: when its base does not exist).
+    """
+    glob_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
+    if glob_at >= 0:
+        yield from _list_glob(uri, glob_at, suffixes)
+        return
+    fs, path = resolve(uri)
+    info = _info(fs, path, uri)
+    if info.type == pafs.FileType.File:
+        yield FileEntry(_to_uri(uri, info.path), info.size or 0)
+        return
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: no such file, directory or prefix")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list: {exc}") from exc
+    for found in sorted(infos, key=lambda i: i.path):
+        rel = found.path[len(path) :].lstrip("/")
+        if found.type == pafs.FileType.File and not any(p.startswith((".", "_")) for p in rel.split("/")):
+            if _matches(found.path, suffixes):
+                yield FileEntry(_to_uri(uri, found.path), found.size or 0)
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match where ``*`` and ``?`` never cross a ``/`` (as in a shell or S3 console)."""
+    parts, pattern_parts = path.split("/"), pattern.split("/")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(part, pat) for part, pat in zip(parts, pattern_parts, strict=True)
+    )
+
+
+def _list_glob(uri: str, glob_at: int, suffixes: tuple[str, ...] | None) -> Iterator[FileEntry]:
+    base = uri[:glob_at].rsplit("/", 1)[0] if "/" in uri[:glob_at] else "."
+    pattern = resolve(uri)[1]
+    for entry in list_files(base, suffixes):
+        if _glob_match(resolve(entry.uri)[1], pattern):
+            yield entry
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole object."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
+def read_text(uri: str) -> str:
+    """Read a whole object as UTF-8 text."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def makedirs(uri: str) -> None:
+    """Create a directory (a no-op for S3 prefixes, which exist once an object is written)."""
+    fs, path = resolve(uri)
+    if not is_remote(uri):
+        fs.create_dir(path, recursive=True)
+
+
+def write_bytes_once(uri: str, data: bytes, *, overwrite: bool = False) -> bool:
+    """Write ``data`` to ``uri`` atomically; by default never replace an existing object.
+
+    Local files are written under a temporary name in the same directory and renamed into place
+    (``os.link`` for write-once, so two writers cannot both win). On S3 a single ``PutObject`` /
+    multipart upload only becomes visible when complete.
+
+    Returns:
+        True when this call wrote the object, False when it already existed (and was kept).
+    """
+    fs, path = resolve(uri)
+    if not overwrite and exists(uri):
+        return False
+    if is_remote(uri):
+        try:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write: {exc}") from exc
+        return True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_once(uri: str, text: str, *, overwrite: bool = False) -> bool:
+    """UTF-8 text version of :func:`write_bytes_once`."""
+    return write_bytes_once(uri, text.encode("utf-8"), overwrite=overwrite)
+

@@ -1,0 +1,8 @@
+"""Entry point for ``ray job submit -- python jobs/features.py CONFIG [--set k=v] [--input ...] [--output URI]``."""
+
+import sys
+
+from cskd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["features", *sys.argv[1:]]))
