@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = sub.add_parser("features", help="cache CLIP features of images (Ray Data)")
     _add_stage_args(features)
+    align = sub.add_parser("align", help="phase 1: align a timm encoder to cached CLIP features (Ray Train)")
+    _add_stage_args(align)
 
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
@@ -108,6 +110,29 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_align_command(config: str, overrides: list[str], input_uris: list[str] | None,
+                      output_uri: str | None) -> dict:
+    """Load and validate the align config, start Ray, train (or resume), print and return the summary."""
+    from cskd_ray.config import load_config
+    from cskd_ray.runtime import init_ray
+    from cskd_ray.train.align import result_dict, run_align
+
+    cfg = load_config("align", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    init_ray()
+    result = run_align(cfg)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()) if isinstance(v, float))
+    print(f"align: {result.steps} steps on {result.rows} cached images, {metrics}, "
+          f"{result.images_per_s:.1f} img/s, {result.seconds:.1f} s")
+    print(f"align: aligned model at {cfg.output}/model, checkpoints at {cfg.output}/train")
+    return result_dict(result)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """``cskd-ray align CONFIG``."""
+    run_align_command(args.config, args.overrides, args.input, args.output)
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -128,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "list-models": cmd_list_models}
+            "align": cmd_align, "list-models": cmd_list_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

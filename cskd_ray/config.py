@@ -83,7 +83,62 @@ class FeaturesConfig(StrictModel):
         return value
 
 
-STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig}
+class EncoderConfig(StrictModel):
+    """A timm encoder plus the projection head that maps its pooled features into CLIP's space."""
+
+    name: str = Field("test_vit", description="Any timm model name (see cskd-ray list-models encoders).")
+    pretrained: bool | str = Field(False, description="false: random; true: timm's weights; or a checkpoint path/URI.")
+    projection: Literal["linear", "mlp"] = "linear"
+
+
+class TrainerConfig(StrictModel):
+    """How a Ray Train stage runs: workers, optimisation, checkpoints, failures."""
+
+    num_workers: int = Field(1, ge=1, description="DDP workers.")
+    use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="0.5 leaves room for Ray Data on small machines.")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many steps in total (the LR schedule still spans all epochs)."
+    )
+    batch_size: int = Field(32, ge=1, description="Global batch size (split evenly across workers).")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup, then cosine decay to zero.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 turns clipping off.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (one is also kept at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="Worker failures to recover from (restart from checkpoint).")
+    shuffle: bool = Field(True, description="Shuffle within a local buffer each epoch (seeded).")
+    deterministic: bool = Field(
+        False, description="Keep Ray Data's row order (slower ingest) so a run can be repeated bit for bit."
+    )
+    seed: int = 0
+
+
+class AlignConfig(StrictModel):
+    """Phase 1: align a timm encoder + projection to cached CLIP features of unlabeled images."""
+
+    input: str = Field(description="Feature cache URI written by the features stage.")
+    output: str = Field(description="Run folder: checkpoints under train/, the aligned model under model/.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    loss: Literal["cosine", "mse"] = Field("cosine", description="Alignment loss (cskd_ray.losses).")
+    train: TrainerConfig = Field(default_factory=TrainerConfig)
+    decode_batch_size: int = Field(32, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_input(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError(f"align takes one feature cache as input, got {len(value)}")
+            return value[0]
+        return value
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig}
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -1,6 +1,7 @@
 """``cskd-ray demo``: generate demo data, run the pipeline on a local Ray, print what it did.
 
-At this stage the pipeline is the features stage; the training stages join it as they land.
+At this stage the pipeline is: demo data → features (CLIP cache) → align (phase 1, the student encoder).
+The later stages (teacher, label, distill, evaluate) join it as they land.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from cskd_ray import storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "features.yaml"
+DEFAULT_ALIGN_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "align.yaml"
 
 
 def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
     """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
-    from cskd_ray.cli import run_features_command
+    from cskd_ray.cli import run_align_command, run_features_command
     from cskd_ray.data.demo import make_demo_data
 
     start = time.perf_counter()
@@ -27,8 +29,11 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
     print(f"demo: {data.num_images} images ({data.num_labeled} labeled, {data.num_test} test, "
           f"{data.num_corrupt} deliberately corrupt files)", flush=True)
     config = str(features_config or DEFAULT_FEATURES_CONFIG)
-    features = run_features_command(config, [], [data.images_dir], str(Path(workdir) / "features"))
-    summary = {"workdir": workdir, "data": data.__dict__, "features": features,
+    cache = str(Path(workdir) / "features")
+    features = run_features_command(config, [], [data.images_dir], cache)
+    print("demo: phase 1, aligning the student encoder (timm test_vit) to the cached CLIP features ...", flush=True)
+    align = run_align_command(str(DEFAULT_ALIGN_CONFIG), [], [cache], str(Path(workdir) / "align-student"))
+    summary = {"workdir": workdir, "data": data.__dict__, "features": features, "align": align,
                "total_seconds": round(time.perf_counter() - start, 2)}
     storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
     print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")

@@ -29,7 +29,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
+        include_dashboard=True,  # Ray Train/Tune clean up placement groups through it (Ray issue 54305)
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         logging_level=logging.WARNING,
     )

@@ -265,7 +265,7 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_stage_lists_stages() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown stage 'train'; valid stages: features$"):
+    with pytest.raises(ConfigError, match=r"^unknown stage 'train'; valid stages: features, align$"):
         load_config("train")
 
 

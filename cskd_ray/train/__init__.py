@@ -1,0 +1,1 @@
+"""Ray Train stages: the shared per-worker loop, checkpoints, and the alignment stage."""

@@ -1,0 +1,175 @@
+"""Phase 1, alignment: train a timm encoder + projection head to match cached CLIP features.
+
+Each Ray Train worker streams its shard of the feature cache joined with the images: Ray Data reads the
+cache's Parquet shards (``uri``, ``feature``), and CPU tasks read and decode each image and resize it
+for the encoder. No CLIP forward pass runs here: the targets come from the cache.
+
+Loss (``loss`` in the config; formulas in :mod:`cskd_ray.losses`): ``cosine`` L = 1 − cos(P(E(x)), C(x))
+(default) or ``mse`` L = ‖normalize(P(E(x))) − normalize(C(x))‖².
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from cskd_ray import storage
+from cskd_ray.config import AlignConfig, ConfigError
+from cskd_ray.data.decode import decode_image
+from cskd_ray.data.transforms import PreprocessSpec, normalize_batch, resize_crop
+from cskd_ray.feature_cache import FeatureCache
+from cskd_ray.losses import alignment_loss
+from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
+from cskd_ray.models.registry import create_encoder
+from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
+from cskd_ray.train.common import build_trainer
+
+MODEL_DIR = "model"
+
+
+class AlignTask(nn.Module):
+    """E + P trained so that P(E(x)) matches C(x); ``forward(batch)`` returns ``loss`` and ``cosine``."""
+
+    def __init__(self, stage: dict, clip_dim: int) -> None:
+        super().__init__()
+        cfg = AlignConfig(**stage)
+        loaded = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)
+        self.preprocess = loaded.preprocess
+        self.student = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, clip_dim, cfg.encoder.projection))
+        self.loss_name = cfg.loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything in E and P is trained."""
+        return list(self.student.parameters())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Alignment loss and mean cosine similarity over the valid rows of a batch."""
+        valid = batch["valid"].bool()
+        images = normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)
+        predicted = self.student(images).float()
+        target = batch["target"].float()
+        loss = alignment_loss(self.loss_name, predicted[valid], target[valid]) if valid.any() else predicted.sum() * 0
+        cosine = F.cosine_similarity(predicted.detach()[valid], target[valid], dim=-1).mean()
+        return {"loss": loss, "cosine": cosine}
+
+
+def decode_for_training(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data task: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target``, ``valid``.
+
+    A row whose image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every
+    worker sees exactly the number of rows the step count was planned for.
+    """
+    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
+    size, n = preprocess.image_size, len(batch)
+    features = batch.column("feature").combine_chunks()
+    target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    valid = np.zeros(n, dtype=np.uint8)
+    for i, uri in enumerate(batch.column("uri").to_pylist()):
+        try:
+            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
+        except (OSError, ValueError):
+            continue
+        if decoded.ok:
+            pixels[i], valid[i] = resize_crop(decoded.image, preprocess), 1
+    return {"pixels": pixels, "target": target, "valid": valid}
+
+
+def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int) -> tuple[Any, int]:
+    """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count."""
+    import ray
+
+    cache = FeatureCache(cache_uri)
+    if cache.read_meta() is None or not cache.shards():
+        raise ConfigError(f"input {cache_uri}: not a feature cache (no _meta.json or shards); run `features` first")
+    rows = cache.read(["error"]).column("error").null_count
+    if rows == 0:
+        raise ConfigError(f"input {cache_uri}: the cache holds no image with a feature")
+    fs, _ = storage.resolve(cache_uri)
+    ds = ray.data.read_parquet([storage.resolve(s)[1] for s in cache.shards()], filesystem=fs,
+                               columns=["uri", "feature", "error"])
+    ds = ds.map_batches(decode_for_training, batch_size=decode_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels})
+    return ds, rows
+
+
+@dataclass
+class AlignResult:
+    """What an align run did."""
+
+    output: str
+    steps: int
+    epochs: int
+    rows: int
+    metrics: dict
+    seconds: float
+    images_per_s: float
+
+
+def run_align(cfg: AlignConfig) -> AlignResult:
+    """Train (or resume) the alignment of ``cfg.encoder`` to the CLIP features at ``cfg.input``.
+
+    Checkpoints go to ``cfg.output/train`` (a rerun with the same output resumes from the latest one);
+    the aligned model is written to ``cfg.output/model`` (``model.safetensors`` + ``model.json``).
+    """
+    start = time.perf_counter()
+    meta = FeatureCache(cfg.input).read_meta() or {}
+    probe = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)  # fails fast on a bad name or weights
+    dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels)
+    world, batch = cfg.train.num_workers, cfg.train.batch_size
+    if batch % world:
+        raise ConfigError(f"train.batch_size {batch} must be a multiple of train.num_workers {world}")
+    steps_per_epoch = (rows // world) // (batch // world)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {batch} is larger than the {rows} cached images")
+    factory = functools.partial(AlignTask, clip_dim=int(meta["dim"]))
+    trainer = build_trainer("align", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, dataset,
+                            cfg.output)
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        task_weights = load_file(str(Path(directory) / MODEL_FILE))
+    weights = save_safetensors({k.removeprefix("student."): v for k, v in task_weights.items()
+                                if k.startswith("student.")})
+    model_dir = storage.join(cfg.output, MODEL_DIR)
+    description = {"stage": "align", "encoder": cfg.encoder.model_dump(mode="json"), "clip_dim": meta["dim"],
+                   "clip": {k: meta.get(k) for k in ("model", "weights", "model_key", "random_weights")},
+                   "preprocess": probe.preprocess.to_dict(), "step": state["step"], "metrics": state["metrics"],
+                   "config": cfg.model_dump(mode="json")}
+    storage.write_bytes_once(storage.join(model_dir, MODEL_FILE), weights, overwrite=True)
+    storage.write_text_once(storage.join(model_dir, "model.json"), json.dumps(description, indent=2), overwrite=True)
+    seconds = time.perf_counter() - start
+    steps = int(state["step"])
+    return AlignResult(cfg.output, steps, cfg.train.epochs, rows, state["metrics"], seconds,
+                       steps * batch / seconds if seconds else 0.0)
+
+
+def load_aligned(model_dir: str) -> tuple[EncoderWithProjection, PreprocessSpec, dict]:
+    """Load an aligned encoder + projection written by :func:`run_align` (no pickled code runs)."""
+    from cskd_ray.models.registry import fetch_checkpoint, load_weights_into
+
+    description = json.loads(storage.read_text(storage.join(model_dir, "model.json")))
+    encoder = description["encoder"]
+    loaded = create_encoder(encoder["name"], False)
+    model = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, description["clip_dim"],
+                                                               encoder["projection"]))
+    load_weights_into(model, fetch_checkpoint(storage.join(model_dir, MODEL_FILE)), encoder["name"])
+    return model.eval(), loaded.preprocess, description
+
+
+def result_dict(result: AlignResult) -> dict:
+    """JSON-ready summary."""
+    return asdict(result)

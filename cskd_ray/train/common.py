@@ -1,0 +1,151 @@
+"""The per-worker training loop shared by every Ray Train stage, and the trainer set-up around it.
+
+A stage supplies a *task*: an ``nn.Module`` whose ``forward(batch)`` returns a dict of named losses
+with the total under ``"loss"`` (plus any metrics to report), and whose ``trainable_parameters()``
+lists what the optimiser updates. The loop does the rest, in order: restore, lr, forward, backward,
+clip, step, report, checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cskd_ray import storage
+from cskd_ray.config import TrainerConfig
+from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint
+
+TaskFactory = Callable[[dict], nn.Module]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup then cosine decay: f = s/w for s < w, else ½(1 + cos(π (s − w)/(T − w)))."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        "fp16" if precision == "auto" and device.type == "cuda" else precision
+    )
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _mean_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: float(value.detach().float().mean()) for name, value in outputs.items()}
+
+
+def _report(state: TrainState, metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, config: dict, with_checkpoint: bool) -> None:
+    import ray.train
+
+    payload = {**metrics, "step": state.step, "epoch": state.epoch}
+    if not with_checkpoint:
+        ray.train.report(payload)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_checkpoint(directory, model, optimizer, scheduler, state, config)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(payload, checkpoint=checkpoint)
+
+
+def train_worker_loop(loop_config: dict) -> None:
+    """Ray Train ``train_loop_per_worker``: restore, then train ``total_steps`` steps on the ``train`` shard.
+
+    ``loop_config`` holds ``task_factory`` (a picklable callable building the task from the stage
+    config), ``stage`` (the stage config as a dict), ``trainer`` (:class:`TrainerConfig` as a dict) and
+    ``steps_per_epoch`` (optimizer steps per epoch, the same on every rank).
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainerConfig(**loop_config["trainer"])
+    steps_per_epoch, world = loop_config["steps_per_epoch"], ray.train.get_context().get_world_size()
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_at = min(total_steps, cfg.max_steps or total_steps)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    task = loop_config["task_factory"](loop_config["stage"])
+    model = ray.train.torch.prepare_model(task)
+    params = [p for p in task.trainable_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    device = ray.train.torch.get_device()
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision in ("auto", "fp16"))
+    state = TrainState()
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, model, optimizer, scheduler)
+    shard = ray.train.get_dataset_shard("train")
+    while state.step < stop_at:
+        skip = state.step - state.epoch * steps_per_epoch  # batches of this epoch done before a restart
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size // world, drop_last=True, device=device,
+            local_shuffle_buffer_size=4 * cfg.batch_size if cfg.shuffle else None,
+            local_shuffle_seed=cfg.seed + state.epoch if cfg.shuffle else None,
+        )
+        for index, batch in enumerate(batches):
+            if index < skip:
+                continue
+            if index >= steps_per_epoch or state.step >= stop_at:
+                continue  # every rank drains its shard, so all ranks stay in step
+            with _autocast(device, cfg.precision):
+                outputs = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(outputs["loss"]).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state.step += 1
+            state.metrics = {**_mean_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
+            last = state.step == stop_at
+            if state.step % cfg.checkpoint_every == 0 or last:
+                _report(state, state.metrics, model, optimizer, scheduler, loop_config["stage"], with_checkpoint=True)
+        state.epoch += 1
+
+
+def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,
+                  steps_per_epoch: int, dataset: Any, output: str) -> Any:
+    """A ``TorchTrainer`` running :func:`train_worker_loop`; checkpoints go to ``output/train``.
+
+    Running it again with the same ``output`` resumes from the latest complete checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    fs, path = storage.resolve(output)
+    return TorchTrainer(
+        train_worker_loop,
+        train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
+                           "steps_per_epoch": steps_per_epoch},
+        scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": trainer.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=path, storage_filesystem=fs if storage.is_remote(output) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=trainer.max_failures),
+        ),
+        datasets={"train": dataset},
+        dataset_config=_data_config(DataConfig, trainer.deterministic),
+    )
+
+
+def _data_config(data_config_cls: Any, deterministic: bool) -> Any:
+    options = data_config_cls.default_ingest_options()
+    options.preserve_order = deterministic
+    return data_config_cls(execution_options=options)

@@ -1,0 +1,68 @@
+"""Phase 1 on Ray Train: runs, writes checkpoints and the aligned model, resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from cskd_ray.config import ConfigError, load_config
+from cskd_ray.features import run_features
+from cskd_ray.train.align import load_aligned, run_align
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+
+
+@pytest.fixture(scope="module")
+def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("align") / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
+                      input_uris=[str(demo_data / "images")], output_uri=out)
+    run_features(cfg)
+    return out
+
+
+def _align(cache: str, output: Path, *overrides: str):
+    base = ["train.batch_size=16", "train.epochs=2", "train.warmup_steps=1", "train.checkpoint_every=2",
+            "train.shuffle=false", "train.deterministic=true", "train.lr=0.01", "decode_batch_size=8"]
+    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
+                      input_uris=[cache], output_uri=str(output))
+    return run_align(cfg)
+
+
+def test_align_resumes_to_the_same_weights_as_an_uninterrupted_run(feature_cache: str, tmp_path: Path) -> None:
+    interrupted = tmp_path / "interrupted"
+    first = _align(feature_cache, interrupted, "train.max_steps=3")  # stops after step 3, as if killed there
+    assert first.steps == 3 and first.rows == 60
+    resumed = _align(feature_cache, interrupted)
+    straight = _align(feature_cache, tmp_path / "straight")
+    assert resumed.steps == straight.steps == 6  # 60 images // 16 = 3 steps per epoch, 2 epochs
+    got = load_file(str(interrupted / "model" / "model.safetensors"))
+    want = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for key in want:  # CPU, fixed seed, ordered ingest: equal up to float rounding
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    checkpoints = sorted(p.name for p in (interrupted / "train").iterdir() if p.name.startswith("checkpoint"))
+    assert checkpoints, "checkpoints are kept under output/train"
+    description = json.loads((interrupted / "model" / "model.json").read_text())
+    assert description["step"] == 6 and description["clip"]["random_weights"] is True
+    assert 0.0 <= description["metrics"]["loss"] <= 2.0 and -1.0 <= description["metrics"]["cosine"] <= 1.0
+
+
+def test_aligned_model_loads_and_projects_into_clip_space(feature_cache: str, tmp_path: Path) -> None:
+    _align(feature_cache, tmp_path / "run", "train.max_steps=1", "encoder.projection=mlp")
+    model, preprocess, description = load_aligned(str(tmp_path / "run" / "model"))
+    x = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size)
+    assert model(x).shape == (2, description["clip_dim"]) == (2, 32)
+    assert description["encoder"]["projection"] == "mlp"
+
+
+def test_align_rejects_a_folder_that_is_not_a_feature_cache(ray_session, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not a feature cache"):
+        _align(str(tmp_path), tmp_path / "out")
