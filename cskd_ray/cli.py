@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_args(features)
     align = sub.add_parser("align", help="phase 1: align a timm encoder to cached CLIP features (Ray Train)")
     _add_stage_args(align)
+    teacher = sub.add_parser("teacher", help="phase 2a: train the teacher (aligned encoder + head) on labels")
+    _add_stage_args(teacher)
 
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
@@ -133,6 +135,32 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_teacher_command(config: str, overrides: list[str], input_uris: list[str] | None,
+                        output_uri: str | None) -> dict:
+    """Load and validate the teacher config, start Ray, train (or resume), print and return the summary."""
+    from dataclasses import asdict
+
+    from cskd_ray.config import load_config
+    from cskd_ray.runtime import init_ray
+    from cskd_ray.train.supervise import run_teacher
+
+    cfg = load_config("teacher", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    init_ray()
+    result = run_teacher(cfg)
+    val = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in sorted(result.metrics.items())
+                    if k.startswith("val_"))
+    print(f"teacher: {result.steps} steps on {result.train_rows} labeled images ({result.head['kind']} head), "
+          f"best validation on {result.val_rows} images: {val}; {result.seconds:.1f} s")
+    print(f"teacher: model at {cfg.output}/model, checkpoints at {cfg.output}/train")
+    return asdict(result)
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """``cskd-ray teacher CONFIG``."""
+    run_teacher_command(args.config, args.overrides, args.input, args.output)
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -153,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "align": cmd_align, "list-models": cmd_list_models}
+            "align": cmd_align, "teacher": cmd_teacher, "list-models": cmd_list_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

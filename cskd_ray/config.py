@@ -8,6 +8,7 @@ next to every output (``resolved_config.yaml``).
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -138,7 +139,37 @@ class AlignConfig(StrictModel):
         return value
 
 
-STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig}
+class LabelsConfig(StrictModel):
+    """Where the labels are and how to read them (see ``cskd_ray.data.labels.load_labels``)."""
+
+    format: Literal["ava", "aadb", "para", "tad66k", "koniq", "spaq", "csv", "parquet"] = "ava"
+    images_root: str | None = Field(None, description="Folder or s3:// prefix the label file's names are under.")
+    test_list: str | None = Field(None, description="AVA: the official test list (image ids), gives the split.")
+    val_split: str = Field("test", description="Rows of this split validate; all other rows train.")
+    threshold: float | None = Field(None, description="Accuracy threshold; null: 5 for 10-bin labels, else midpoint.")
+
+
+class TeacherConfig(StrictModel):
+    """Phase 2a: an aligned encoder + aesthetic head trained on labels (the teacher)."""
+
+    input: str = Field(description="Label file (local path or s3:// URI) in `labels.format`.")
+    output: str = Field(description="Run folder: checkpoints under train/, the best model under model/.")
+    aligned: str | None = Field(None, description="Aligned model folder (align's output/model); null: `encoder`.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    head: Literal["auto", "distribution", "scalar"] = Field(
+        "auto", description="auto: a distribution head when the labels have distributions."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+    train: TrainerConfig = Field(default_factory=TrainerConfig)
+    decode_batch_size: int = Field(32, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+    _one_input = field_validator("input", mode="before")(AlignConfig._one_input.__func__)
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig,
+                                               "teacher": TeacherConfig}
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -228,9 +259,30 @@ def load_config(
     if output_uri:
         data["output"] = output_uri
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as exc:
         raise _format_error(stage, source, exc, model) from None
+    _absolutize(cfg)
+    return cfg
+
+
+URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list")
+
+
+def _absolutize(node: Any) -> None:
+    """Make local paths in URI fields absolute: Ray workers do not share the driver's working directory."""
+    if isinstance(node, list):
+        for item in node:
+            _absolutize(item)
+        return
+    if not isinstance(node, BaseModel):
+        return
+    for name in type(node).model_fields:
+        value = getattr(node, name)
+        if name in URI_FIELDS and isinstance(value, str) and value and "://" not in value:
+            object.__setattr__(node, name, os.path.abspath(os.path.expanduser(value)))
+        else:
+            _absolutize(value)
 
 
 def dump_config(cfg: BaseModel) -> str:

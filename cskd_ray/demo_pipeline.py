@@ -1,7 +1,8 @@
 """``cskd-ray demo``: generate demo data, run the pipeline on a local Ray, print what it did.
 
-At this stage the pipeline is: demo data → features (CLIP cache) → align (phase 1, the student encoder).
-The later stages (teacher, label, distill, evaluate) join it as they land.
+At this stage the pipeline is: demo data → features (CLIP cache) → align (phase 1) → teacher (phase 2a,
+the aligned encoder + a distribution head on the demo AVA labels). The later stages (label, distill,
+evaluate) join it as they land.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from cskd_ray import storage
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "features.yaml"
 DEFAULT_ALIGN_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "align.yaml"
+DEFAULT_TEACHER_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "teacher.yaml"
 
 
 def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
     """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
-    from cskd_ray.cli import run_align_command, run_features_command
+    from cskd_ray.cli import run_align_command, run_features_command, run_teacher_command
     from cskd_ray.data.demo import make_demo_data
 
     start = time.perf_counter()
@@ -32,8 +34,17 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
     cache = str(Path(workdir) / "features")
     features = run_features_command(config, [], [data.images_dir], cache)
     print("demo: phase 1, aligning the student encoder (timm test_vit) to the cached CLIP features ...", flush=True)
-    align = run_align_command(str(DEFAULT_ALIGN_CONFIG), [], [cache], str(Path(workdir) / "align-student"))
-    summary = {"workdir": workdir, "data": data.__dict__, "features": features, "align": align,
+    aligned = Path(workdir) / "align-student"
+    align = run_align_command(str(DEFAULT_ALIGN_CONFIG), [], [cache], str(aligned))
+    print("demo: phase 2a, training the teacher on the labeled demo images ...", flush=True)
+    data_dir_abs = Path(data.output).resolve()
+    teacher = run_teacher_command(
+        str(DEFAULT_TEACHER_CONFIG),
+        [f"aligned={aligned / 'model'}", f"labels.images_root={data_dir_abs / 'images'}",
+         f"labels.test_list={data_dir_abs / 'test.jpgl'}"],
+        [data.ava_path], str(Path(workdir) / "teacher"),
+    )
+    summary = {"workdir": workdir, "data": data.__dict__, "features": features, "align": align, "teacher": teacher,
                "total_seconds": round(time.perf_counter() - start, 2)}
     storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
     print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")

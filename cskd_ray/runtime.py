@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     try:
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = True
+        # Bars on a terminal; in logs (jobs, CI) the stages print their own progress lines instead.
+        DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     except ImportError:  # pragma: no cover - ray[data] is a dependency
         pass

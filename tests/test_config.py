@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def test_features_configs_load_with_their_values() -> None:
         if path.stem == "features":
             assert isinstance(load_config("features", path), FeaturesConfig)
     demo = load_config("features", DEMO)
-    assert demo.input == [SourceConfig(uri="runs/demo/data/images")]
-    assert demo.output == "runs/demo/features"
+    assert demo.input == [SourceConfig(uri=os.path.abspath("runs/demo/data/images"))]
+    assert demo.output == os.path.abspath("runs/demo/features")
     assert demo.clip == ClipConfig(name="cskd-tiny-vit", pretrained=None, seed=0)
     ava = load_config("features", REPO / "jobs" / "configs" / "ava" / "features.yaml")
     assert [s.weight for s in ava.input] == [2.0, 1.0, 1.0]
@@ -104,7 +105,14 @@ def test_set_nested_key_creates_section() -> None:
 
 def test_set_input_list_of_sources() -> None:
     cfg = load_config("features", DEMO, ["input=[{uri: a, weight: 2}, b]"])
-    assert cfg.input == [SourceConfig(uri="a", weight=2.0), SourceConfig(uri="b")]
+    assert cfg.input == [SourceConfig(uri=os.path.abspath("a"), weight=2.0), SourceConfig(uri=os.path.abspath("b"))]
+
+
+def test_local_paths_become_absolute_and_s3_uris_stay() -> None:
+    cfg = load_config("teacher", None, ["labels.images_root=imgs", "aligned=s3://bucket/model"],
+                      input_uris=["labels/AVA.txt"], output_uri="out")
+    assert cfg.input == os.path.abspath("labels/AVA.txt") and cfg.output == os.path.abspath("out")
+    assert cfg.labels.images_root == os.path.abspath("imgs") and cfg.aligned == "s3://bucket/model"
 
 
 def test_input_and_output_flags_override_file() -> None:
@@ -265,7 +273,7 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_stage_lists_stages() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown stage 'train'; valid stages: features, align$"):
+    with pytest.raises(ConfigError, match=r"^unknown stage 'train'; valid stages: features, align, teacher$"):
         load_config("train")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import TrainerConfig
-from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint
+from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, unwrap
 
 TaskFactory = Callable[[dict], nn.Module]
 
@@ -42,14 +42,20 @@ def _mean_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(value.detach().float().mean()) for name, value in outputs.items()}
 
 
-def _report(state: TrainState, metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, config: dict, with_checkpoint: bool) -> None:
+def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                config: dict, val_shard: Any, batch_size: int) -> None:
+    """Validate (when the stage has a ``val`` dataset), then save and report a checkpoint from rank 0."""
     import ray.train
+    import ray.train.torch
 
-    payload = {**metrics, "step": state.step, "epoch": state.epoch}
-    if not with_checkpoint:
-        ray.train.report(payload)
-        return
+    task = unwrap(model)
+    if val_shard is not None:
+        task.eval()
+        with torch.no_grad():
+            batches = val_shard.iter_torch_batches(batch_size=batch_size, device=ray.train.torch.get_device())
+            state.metrics = {**(state.metrics or {}), **task.validate(batches)}
+        task.train()
+    payload = {**(state.metrics or {}), "step": state.step, "epoch": state.epoch}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
@@ -62,8 +68,9 @@ def train_worker_loop(loop_config: dict) -> None:
     """Ray Train ``train_loop_per_worker``: restore, then train ``total_steps`` steps on the ``train`` shard.
 
     ``loop_config`` holds ``task_factory`` (a picklable callable building the task from the stage
-    config), ``stage`` (the stage config as a dict), ``trainer`` (:class:`TrainerConfig` as a dict) and
-    ``steps_per_epoch`` (optimizer steps per epoch, the same on every rank).
+    config), ``stage`` (the stage config as a dict), ``trainer`` (:class:`TrainerConfig` as a dict),
+    ``steps_per_epoch`` (optimizer steps per epoch, the same on every rank) and ``validate`` (whether a
+    ``val`` dataset is given; the task's ``validate(batches)`` then adds metrics to every checkpoint).
     """
     import ray.train
     import ray.train.torch
@@ -87,6 +94,7 @@ def train_worker_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model, optimizer, scheduler)
     shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
     while state.step < stop_at:
         skip = state.step - state.epoch * steps_per_epoch  # batches of this epoch done before a restart
         batches = shard.iter_torch_batches(
@@ -112,16 +120,20 @@ def train_worker_loop(loop_config: dict) -> None:
             state.step += 1
             state.metrics = {**_mean_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
             last = state.step == stop_at
-            if state.step % cfg.checkpoint_every == 0 or last:
-                _report(state, state.metrics, model, optimizer, scheduler, loop_config["stage"], with_checkpoint=True)
+            epoch_end = index + 1 == steps_per_epoch and val_shard is not None
+            if state.step % cfg.checkpoint_every == 0 or last or epoch_end:
+                _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], val_shard, cfg.batch_size)
         state.epoch += 1
 
 
 def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,
-                  steps_per_epoch: int, dataset: Any, output: str) -> Any:
+                  steps_per_epoch: int, dataset: Any, output: str, val_dataset: Any = None,
+                  best_metric: str | None = None) -> Any:
     """A ``TorchTrainer`` running :func:`train_worker_loop`; checkpoints go to ``output/train``.
 
-    Running it again with the same ``output`` resumes from the latest complete checkpoint.
+    Running it again with the same ``output`` resumes from the latest complete checkpoint. With a
+    ``val_dataset`` every worker sees all of it (it is not split) and each checkpoint carries the
+    validation metrics; ``best_metric`` (higher is better) decides which checkpoints are kept.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -132,15 +144,19 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
     return TorchTrainer(
         train_worker_loop,
         train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
-                           "steps_per_epoch": steps_per_epoch},
+                           "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None},
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": trainer.cpus_per_worker}),
         run_config=RunConfig(
             name="train", storage_path=path, storage_filesystem=fs if storage.is_remote(output) else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=trainer.keep_checkpoints,
+                checkpoint_score_attribute=best_metric,
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=trainer.max_failures),
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
         dataset_config=_data_config(DataConfig, trainer.deterministic),
     )
 
@@ -148,4 +164,4 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
 def _data_config(data_config_cls: Any, deterministic: bool) -> Any:
     options = data_config_cls.default_ingest_options()
     options.preserve_order = deterministic
-    return data_config_cls(execution_options=options)
+    return data_config_cls(datasets_to_split=["train"], execution_options=options)

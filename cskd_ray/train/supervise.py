@@ -1,0 +1,214 @@
+"""Phase 2a, the teacher: an aligned encoder + aesthetic head trained on labels, validated every epoch.
+
+Losses (formulas in :mod:`cskd_ray.losses`):
+
+* distribution labels (AVA, PARA): softmax head, EMD_r with r = 2,
+  EMD = ((1/K) Σ_k |CDF_p(k) − CDF_q(k)|^r)^(1/r), per sample, then the batch mean (NIMA);
+* scalar labels (AADB, TAD66K, KonIQ, SPAQ): regression head, MSE on the score normalised to [0, 1]
+  with the training labels' range, ŝ = (s − lo) / (hi − lo).
+
+Each checkpoint carries validation SRCC, PLCC, accuracy and EMD (r = 1); the checkpoint with the best
+``val_srcc`` becomes the exported model (``output/model``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from cskd_ray import storage
+from cskd_ray.config import ConfigError, TeacherConfig
+from cskd_ray.data.decode import decode_image
+from cskd_ray.data.labels import load_labels
+from cskd_ray.data.transforms import PreprocessSpec, normalize_batch, resize_crop
+from cskd_ray.losses import emd_loss, score_mse
+from cskd_ray.metrics import evaluate_scores
+from cskd_ray.models.heads import AestheticHead, EncoderWithHead
+from cskd_ray.models.registry import create_encoder
+from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
+from cskd_ray.train.common import build_trainer
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the head predicts and how to turn it back into a score on the dataset's scale."""
+
+    kind: str  # "distribution" or "scalar"
+    bins: int
+    low: float  # scalar heads: training label range used to normalise scores to [0, 1]
+    high: float
+    threshold: float  # accuracy threshold on the dataset's scale
+
+    def to_score(self, output: torch.Tensor) -> torch.Tensor:
+        """Predicted scores on the dataset's scale: Σ_k k·p_k (k = 1..K) or lo + ŝ (hi − lo)."""
+        if self.kind == "distribution":
+            return (output * torch.arange(1, self.bins + 1, device=output.device, dtype=output.dtype)).sum(-1)
+        return self.low + output * (self.high - self.low)
+
+
+def _encoder_for(stage: TeacherConfig) -> tuple[nn.Module, PreprocessSpec, int]:
+    if stage.aligned:
+        from cskd_ray.train.align import load_aligned
+
+        aligned, preprocess, _ = load_aligned(stage.aligned)
+        return aligned.encoder.train(), preprocess, int(aligned.encoder.num_features)
+    loaded = create_encoder(stage.encoder.name, stage.encoder.pretrained)
+    return loaded.model, loaded.preprocess, loaded.dim
+
+
+class SupervisedTask(nn.Module):
+    """E + H trained on labels; ``validate`` returns SRCC, PLCC, accuracy and EMD on the val batches."""
+
+    def __init__(self, stage: dict, head: dict) -> None:
+        super().__init__()
+        cfg, self.spec = TeacherConfig(**stage), HeadSpec(**head)
+        encoder, self.preprocess, dim = _encoder_for(cfg)
+        self.model = EncoderWithHead(encoder, AestheticHead(dim, self.spec.kind, self.spec.bins, cfg.dropout))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Encoder and head are fine-tuned together."""
+        return list(self.model.parameters())
+
+    def _outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)).float()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """EMD (r = 2) or normalised-score MSE on the valid rows."""
+        valid, out = batch["valid"].bool(), self._outputs(batch)
+        if self.spec.kind == "distribution":
+            loss = emd_loss(out[valid], batch["distribution"].float()[valid], r=2.0)
+        else:
+            target = (batch["score"].float() - self.spec.low) / (self.spec.high - self.spec.low)
+            loss = score_mse(out[valid], target[valid])
+        return {"loss": loss}
+
+    def validate(self, batches: Any) -> dict[str, float]:
+        """``val_srcc``, ``val_plcc``, ``val_accuracy``, ``val_emd`` over all rows of ``batches``."""
+        preds, targets, pred_dists, target_dists = [], [], [], []
+        for batch in batches:
+            valid, out = batch["valid"].bool(), self._outputs(batch)
+            preds.append(self.spec.to_score(out)[valid].cpu())
+            targets.append(batch["score"].float()[valid].cpu())
+            if self.spec.kind == "distribution":
+                pred_dists.append(out[valid].cpu())
+                target_dists.append(batch["distribution"].float()[valid].cpu())
+        dists = (torch.cat(pred_dists), torch.cat(target_dists)) if pred_dists else (None, None)
+        metrics = evaluate_scores(torch.cat(preds), torch.cat(targets), self.spec.threshold, *dists)
+        return {f"val_{k}": float(v) for k, v in metrics.items() if v is not None and k != "n"}
+
+
+def decode_labeled(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data task: labeled rows → ``pixels``, ``valid``, ``score`` and ``distribution`` (zeros if none)."""
+    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    size, n = preprocess.image_size, len(batch)
+    dist = batch.column("distribution").combine_chunks()
+    width = max((len(d) for d in dist.to_pylist() if d is not None), default=1)
+    distribution = np.zeros((n, width), dtype=np.float32)
+    for i, row in enumerate(dist.to_pylist()):
+        if row is not None:
+            distribution[i] = row
+    pixels, valid = np.zeros((n, size, size, 3), dtype=np.uint8), np.zeros(n, dtype=np.uint8)
+    for i, uri in enumerate(batch.column("uri").to_pylist()):
+        try:
+            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
+        except (OSError, ValueError):
+            continue
+        if decoded.ok:
+            pixels[i], valid[i] = resize_crop(decoded.image, preprocess), 1
+    return {"pixels": pixels, "valid": valid, "score": batch.column("score").to_numpy().astype(np.float32),
+            "distribution": distribution}
+
+
+def _head_spec(cfg: TeacherConfig, train: pa.Table) -> HeadSpec:
+    has_dist = train.column("distribution").null_count == 0
+    kind = ("distribution" if has_dist else "scalar") if cfg.head == "auto" else cfg.head
+    if kind == "distribution" and not has_dist:
+        raise ConfigError(f"head: 'distribution' needs distribution labels; {cfg.input} has scalar labels only")
+    bins = len(train.column("distribution")[0].as_py()) if has_dist else 1
+    scores = train.column("score").to_numpy()
+    low, high = float(scores.min()), float(scores.max())
+    threshold = cfg.labels.threshold if cfg.labels.threshold is not None else (
+        5.0 if bins == 10 else (low + high) / 2)
+    return HeadSpec(kind, bins, low, high if high > low else low + 1.0, threshold)
+
+
+def labeled_datasets(cfg: TeacherConfig, preprocess: PreprocessSpec) -> tuple[Any, Any, pa.Table, int]:
+    """Train and val Ray datasets from the label file, the train table and the number of val rows."""
+    import ray
+
+    table = load_labels(cfg.labels.format, cfg.input, cfg.labels.images_root, test_list=cfg.labels.test_list)
+    is_val = pc.equal(table.column("split").fill_null(""), cfg.labels.val_split)
+    train, val = table.filter(pc.invert(is_val)), table.filter(is_val)
+    if len(val) == 0 or len(train) == 0:
+        splits = sorted({str(s) for s in table.column("split").to_pylist()})
+        raise ConfigError(f"labels.val_split {cfg.labels.val_split!r}: {cfg.input} has {len(train)} training and "
+                          f"{len(val)} validation rows; both must be non-empty (splits found: {splits})")
+    kwargs = {"batch_size": cfg.decode_batch_size, "batch_format": "pyarrow",
+              "fn_kwargs": {"spec": preprocess.to_dict(), "max_pixels": cfg.max_pixels}}
+    block = max(cfg.decode_batch_size, 64)
+    datasets = [ray.data.from_arrow([t.slice(i, block) for i in range(0, len(t), block)]).map_batches(
+        decode_labeled, **kwargs) for t in (train, val)]
+    return datasets[0], datasets[1], train, len(val)
+
+
+@dataclass
+class TeacherResult:
+    """What a teacher run did."""
+
+    output: str
+    steps: int
+    train_rows: int
+    val_rows: int
+    head: dict
+    metrics: dict
+    seconds: float
+
+
+def run_teacher(cfg: TeacherConfig) -> TeacherResult:
+    """Train (or resume) the teacher; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
+    start = time.perf_counter()
+    _, preprocess, _ = _encoder_for(cfg)  # fails fast on a bad encoder or aligned folder
+    train_ds, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
+    head = _head_spec(cfg, train)
+    world, batch = cfg.train.num_workers, cfg.train.batch_size
+    steps_per_epoch = (len(train) // world) // max(1, batch // world)
+    if batch % world or steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
+                          f"the {len(train)} training rows")
+    factory = functools.partial(SupervisedTask, head=asdict(head))
+    trainer = build_trainer("teacher", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
+                            cfg.output, val_dataset=val_ds, best_metric="val_srcc")
+    result = trainer.fit()
+    best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_srcc", float("-inf")))[0] \
+        if result.best_checkpoints else result.checkpoint
+    with best.as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        weights = load_file(str(Path(directory) / MODEL_FILE))
+    export_model(cfg, head, preprocess, weights, state)
+    return TeacherResult(cfg.output, int(state["step"]), len(train), val_rows, asdict(head), state["metrics"],
+                         time.perf_counter() - start)
+
+
+def export_model(cfg: TeacherConfig, head: HeadSpec, preprocess: PreprocessSpec, weights: dict, state: dict) -> None:
+    """Write ``output/model``: ``model.safetensors`` (E + H) and ``model.json`` (how to rebuild and score)."""
+    model_dir = storage.join(cfg.output, "model")
+    tensors = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    encoder = cfg.encoder.model_dump(mode="json")
+    if cfg.aligned:
+        encoder = json.loads(storage.read_text(storage.join(cfg.aligned, "model.json")))["encoder"]
+    description = {"stage": "teacher", "encoder": encoder, "head": asdict(head), "preprocess": preprocess.to_dict(),
+                   "step": state["step"], "metrics": state["metrics"], "config": cfg.model_dump(mode="json")}
+    storage.write_bytes_once(storage.join(model_dir, MODEL_FILE), save_safetensors(tensors), overwrite=True)
+    storage.write_text_once(storage.join(model_dir, "model.json"), json.dumps(description, indent=2), overwrite=True)

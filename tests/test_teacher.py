@@ -1,0 +1,91 @@
+"""Phase 2a: the teacher trains on labels with the right head and loss, validates, and exports its best model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from cskd_ray.config import ConfigError, load_config
+from cskd_ray.losses import emd_loss
+from cskd_ray.train.supervise import HeadSpec, SupervisedTask, run_teacher
+
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+CONFIG = REPO / "jobs" / "configs" / "demo" / "teacher.yaml"
+
+
+def _cfg(demo: Path, output: Path, *overrides: str, labels: Path | None = None):
+    base = [f"labels.images_root={demo / 'images'}", f"labels.test_list={demo / 'test.jpgl'}", "aligned=null",
+            "train.batch_size=4", "train.epochs=2", "train.warmup_steps=1", "decode_batch_size=4"]
+    return load_config("teacher", CONFIG, [*base, *overrides], input_uris=[str(labels or demo / "AVA.txt")],
+                       output_uri=str(output))
+
+
+def _batch(n: int = 4, size: int = 160) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    dist = rng.dirichlet(np.ones(10), size=n).astype(np.float32)
+    return {"pixels": torch.from_numpy(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)),
+            "valid": torch.tensor([1] * (n - 1) + [0], dtype=torch.uint8),
+            "score": torch.from_numpy((dist * np.arange(1, 11)).sum(1)), "distribution": torch.from_numpy(dist)}
+
+
+def test_distribution_task_uses_emd_r2_on_valid_rows_and_validates(demo_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(demo_data, tmp_path)
+    task = SupervisedTask(cfg.model_dump(), {"kind": "distribution", "bins": 10, "low": 1.0, "high": 10.0,
+                                             "threshold": 5.0})
+    batch = _batch()
+    out = task(batch)
+    probs = task._outputs(batch)
+    assert torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-5)
+    expected = emd_loss(probs[:3], batch["distribution"][:3], r=2.0)  # the invalid last row is left out
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in task.trainable_parameters() if p.requires_grad)
+    metrics = task.validate([batch, batch])
+    assert set(metrics) == {"val_srcc", "val_plcc", "val_accuracy", "val_emd"}
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["val_emd"] >= 0.0
+
+
+def test_scalar_head_maps_back_to_the_dataset_scale() -> None:
+    spec = HeadSpec("scalar", 1, low=2.0, high=6.0, threshold=4.0)
+    torch.testing.assert_close(spec.to_score(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([2.0, 4.0, 6.0]))
+    dist = HeadSpec("distribution", 3, 0, 0, 2.0)
+    torch.testing.assert_close(dist.to_score(torch.tensor([[0.0, 0.5, 0.5]])), torch.tensor([2.5]))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_teacher_trains_on_ava_labels_and_exports_the_best_checkpoint(ray_session, demo_data: Path,
+                                                                      tmp_path: Path) -> None:
+    result = run_teacher(_cfg(demo_data, tmp_path / "teacher"))
+    assert result.head["kind"] == "distribution" and result.head["bins"] == 10 and result.head["threshold"] == 5.0
+    assert result.train_rows + result.val_rows == 15 and result.val_rows == len(
+        (demo_data / "test.jpgl").read_text().split())
+    description = json.loads((tmp_path / "teacher" / "model" / "model.json").read_text())
+    assert description["stage"] == "teacher" and description["head"]["kind"] == "distribution"
+    assert {"val_srcc", "val_plcc", "val_accuracy", "val_emd"} <= set(description["metrics"])
+    assert (tmp_path / "teacher" / "model" / "model.safetensors").stat().st_size > 10_000
+    assert len(list((tmp_path / "teacher" / "train").glob("checkpoint_2*"))) <= 2  # train.keep_checkpoints
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_teacher_on_scalar_labels_uses_a_regression_head(ray_session, demo_data: Path, tmp_path: Path) -> None:
+    rows = [line.split(",") for line in (demo_data / "manifest.csv").read_text().splitlines()[1:]]
+    labeled = [r for r in rows if r[3] in ("train", "test")]
+    csv = tmp_path / "train.csv"
+    csv.write_text("uri,score,split\n" + "".join(f"{r[0]},{r[4]},{r[3]}\n" for r in labeled))
+    result = run_teacher(_cfg(demo_data, tmp_path / "scalar", "labels.format=csv", "labels.test_list=null",
+                              "train.epochs=1", labels=csv))
+    assert result.head["kind"] == "scalar" and result.head["low"] < result.head["high"]
+    assert "val_emd" not in result.metrics and "val_srcc" in result.metrics
+
+
+def test_missing_validation_split_is_a_config_error(ray_session, demo_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"labels.val_split 'val'.*0 validation rows"):
+        run_teacher(_cfg(demo_data, tmp_path / "x", "labels.val_split=val"))
