@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_args(align)
     teacher = sub.add_parser("teacher", help="phase 2a: train the teacher (aligned encoder + head) on labels")
     _add_stage_args(teacher)
+    label = sub.add_parser("label", help="phase 2b: the teacher pseudo-labels the unlabeled images (Ray Data)")
+    _add_stage_args(label)
 
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
@@ -161,6 +163,30 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_label_command(config: str, overrides: list[str], input_uris: list[str] | None,
+                      output_uri: str | None) -> dict:
+    """Load and validate the label config, start Ray, pseudo-label what is missing, print the summary."""
+    from cskd_ray.config import load_config
+    from cskd_ray.labeling import result_dict, run_label
+    from cskd_ray.models.saved import describe_scoring_model
+    from cskd_ray.runtime import init_ray
+
+    cfg = load_config("label", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    describe_scoring_model(cfg.model)  # a bad model folder fails before Ray starts
+    init_ray()
+    result = run_label(cfg, progress=lambda line: print(line, flush=True))
+    print(f"label: {result.inputs} images, {result.already_done} already labeled, {result.new_rows} new rows "
+          f"({result.reused} copied by content), {result.errors} errors, {result.images_per_s:.1f} img/s, "
+          f"{result.seconds:.1f} s; pseudo-labels at {result.output} (model {result.model})")
+    return result_dict(result)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """``cskd-ray label CONFIG``."""
+    run_label_command(args.config, args.overrides, args.input, args.output)
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -181,7 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "align": cmd_align, "teacher": cmd_teacher, "list-models": cmd_list_models}
+            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label,
+            "list-models": cmd_list_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

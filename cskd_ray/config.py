@@ -51,26 +51,24 @@ class ClipConfig(StrictModel):
     seed: int = Field(0, description="Seed of random weights, so every actor builds the same model.")
 
 
-class FeaturesConfig(StrictModel):
-    """The features stage: sources → decode → CLIP actors → Parquet feature cache."""
+class ImagePassConfig(StrictModel):
+    """Keys shared by the stages that run a model over many images with Ray Data (features, label)."""
 
     input: list[SourceConfig] = Field(description="Input sources (a plain string is a source URI).")
-    output: str = Field(description="Feature cache URI (local folder or s3:// prefix).")
-    clip: ClipConfig = Field(default_factory=ClipConfig)
+    output: str = Field(description="Output table URI (local folder or s3:// prefix), one row per input.")
     max_images: int | None = Field(None, ge=1, description="Total cap; sources share it by weight.")
     seed: int = Field(0, description="Seed for sampling under caps and for mixing order.")
-    batch_size: int = Field(64, ge=1, description="Images per CLIP forward pass.")
+    batch_size: int = Field(64, ge=1, description="Images per model forward pass.")
     decode_batch_size: int = Field(16, ge=1, description="Images per decode task batch.")
     decode_num_cpus: float = Field(
         0.5, gt=0, description="CPUs per read/decode task; unlike the actors' value, so Ray does not fuse decoding "
         "into the actors (it then overlaps model start-up and compute)."
     )
-    concurrency: int = Field(1, ge=1, description="Number of CLIP actors.")
+    concurrency: int = Field(1, ge=1, description="Number of model actors.")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs.")
     torch_threads: int = Field(0, ge=0, description="CPU threads per actor; 0: the machine's cores / actors.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU.")
-    feature_dtype: Literal["float16", "float32"] = "float16"
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused (bombs).")
     shard_rows: int = Field(4096, ge=1, description="Rows per output Parquet shard.")
 
@@ -82,6 +80,19 @@ class FeaturesConfig(StrictModel):
         if isinstance(value, list):
             return [{"uri": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+class FeaturesConfig(ImagePassConfig):
+    """The features stage: sources → decode → CLIP actors → Parquet feature cache."""
+
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    feature_dtype: Literal["float16", "float32"] = "float16"
+
+
+class LabelConfig(ImagePassConfig):
+    """Phase 2b: the teacher scores the unlabeled images → pseudo-label table (Parquet)."""
+
+    model: str = Field(description="Model folder written by teacher (or distill): output/model.")
 
 
 class EncoderConfig(StrictModel):
@@ -169,7 +180,7 @@ class TeacherConfig(StrictModel):
 
 
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig,
-                                               "teacher": TeacherConfig}
+                                               "teacher": TeacherConfig, "label": LabelConfig}
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -266,7 +277,7 @@ def load_config(
     return cfg
 
 
-URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list")
+URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list", "model")
 
 
 def _absolutize(node: Any) -> None:

@@ -46,11 +46,14 @@ def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class FeatureCache:
-    """Read and append to a feature cache folder (local or s3://)."""
+class ResultTable:
+    """A folder (local or s3://) of write-once Parquet shards with one row per input URI and ``_meta.json``.
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/")
+    Every stage that runs a model over images (features, label, score) writes one of these.
+    """
+
+    def __init__(self, uri: str, schema: pa.Schema) -> None:
+        self.uri, self.schema = uri.rstrip("/"), schema
 
     def read_meta(self) -> dict | None:
         """The cache's ``_meta.json``, or None for a new cache."""
@@ -68,7 +71,7 @@ class FeatureCache:
         """Read the cache (optionally some columns / a row filter) as one table."""
         shards = self.shards()
         if not shards:
-            return feature_schema().empty_table().select(columns or feature_schema().names)
+            return self.schema.empty_table().select(columns or self.schema.names)
         fs, _ = storage.resolve(self.uri)
         dataset = pads.dataset([storage.resolve(s)[1] for s in shards], filesystem=fs, format="parquet")
         return dataset.to_table(columns=columns, filter=filter_expr)
@@ -76,7 +79,7 @@ class FeatureCache:
     def lookup(self, digests: set[str]) -> pa.Table:
         """One row per digest found in the cache: a row with a feature when there is one, else its error row."""
         if not digests:
-            return feature_schema().empty_table()
+            return self.schema.empty_table()
         table = self.read(filter_expr=pads.field("sha256").isin(pa.array(sorted(digests), pa.string())))
         best: dict[str, int] = {}
         for i, (digest, error) in enumerate(zip(table.column("sha256").to_pylist(),
@@ -99,7 +102,7 @@ class FeatureCache:
         current = self.read_meta()
         if current is not None and current.get("model_key") != meta["model_key"]:
             raise ConfigError(
-                f"output {self.uri} holds features of {current.get('model')} ({current.get('weights')}, key "
+                f"output {self.uri} holds results of {current.get('model')} ({current.get('weights')}, key "
                 f"{current.get('model_key')}), not of {meta['model']} ({meta['weights']}, key {meta['model_key']}); "
                 "choose another output"
             )
@@ -110,3 +113,10 @@ class FeatureCache:
         if self.read_meta() is None:
             storage.makedirs(self.uri)
             storage.write_text_once(storage.join(self.uri, META_FILE), json.dumps(meta, indent=2))
+
+
+class FeatureCache(ResultTable):
+    """The features stage's table: ``uri, sha256, feature, error`` (see the module docstring)."""
+
+    def __init__(self, uri: str, dtype: str = "float16") -> None:
+        super().__init__(uri, feature_schema(dtype))

@@ -273,7 +273,10 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_stage_lists_stages() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown stage 'train'; valid stages: features, align, teacher$"):
+    from cskd_ray.config import STAGE_CONFIGS
+
+    assert {"features", "align", "teacher", "label"} <= set(STAGE_CONFIGS)
+    with pytest.raises(ConfigError, match=rf"^unknown stage 'train'; valid stages: {', '.join(STAGE_CONFIGS)}$"):
         load_config("train")
 
 

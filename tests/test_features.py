@@ -134,7 +134,7 @@ def test_partial_run_then_full_run_and_leftover_temp_files(ray_session, images: 
 def test_other_model_into_same_output_is_refused(ray_session, images: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "features")
     run_features(_cfg([str(images)], out, "max_images=4"))
-    with pytest.raises(ConfigError, match=r"holds features of cskd-tiny-vit .*choose another output"):
+    with pytest.raises(ConfigError, match=r"holds results of cskd-tiny-vit .*choose another output"):
         plan_features(_cfg([str(images)], out, "clip.seed=1"))
 
 

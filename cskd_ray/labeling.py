@@ -1,0 +1,126 @@
+"""Phase 2b, pseudo-labels: a trained model scores the unlabeled images with Ray Data.
+
+Output: a folder of Parquet shards with one row per input URI: ``uri``, ``sha256``, ``score`` (on the
+dataset's scale, Σ_k k·p_k for distribution heads), ``distribution`` (list<float32>, null for scalar
+heads), ``model`` (the model id) and ``error`` (null when scored). A rerun scores only what is missing;
+the same content under several URIs is scored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from cskd_ray import __version__
+from cskd_ray.config import LabelConfig
+from cskd_ray.data.sources import expand_sources
+from cskd_ray.data.transforms import PreprocessSpec
+from cskd_ray.feature_cache import ResultTable
+from cskd_ray.models.saved import describe_scoring_model, scoring_model_id
+from cskd_ray.row_pipeline import PipelineOptions, ShardWriter, process_pending
+
+logger = logging.getLogger(__name__)
+
+LABEL_SCHEMA = pa.schema([("uri", pa.string()), ("sha256", pa.string()), ("score", pa.float64()),
+                          ("distribution", pa.list_(pa.float32())), ("model", pa.string()), ("error", pa.string())])
+
+
+class ScoreActor:
+    """Ray Data actor: loads a scoring model once and scores batches of uint8 images."""
+
+    def __init__(self, model_dir: str, device: str, precision: str, torch_threads: int, actors: int = 1) -> None:
+        import os
+
+        import torch
+
+        from cskd_ray.models.saved import load_scoring_model
+
+        if device == "cpu":
+            torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // actors))
+        self.torch, self.device = torch, torch.device(device)
+        self.scorer = load_scoring_model(model_dir)
+        self.model = self.scorer.model.to(self.device)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            "fp16" if precision == "auto" and device == "cuda" else precision)
+        self.autocast = (dtype, dtype is not None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Score the rows to compute; return the label schema's columns plus ``deferred``."""
+        from cskd_ray.data.transforms import normalize_batch
+
+        errors = [str(e) or None for e in batch["error"]]
+        deferred = np.asarray(batch["deferred"], dtype=bool)
+        ok = np.array([e is None for e in errors], dtype=bool) & ~deferred
+        scores, dists = [None] * len(errors), [None] * len(errors)
+        if ok.any():
+            x = normalize_batch(batch["pixels"][ok], self.scorer.preprocess, self.device)
+            dtype, enabled = self.autocast
+            with self.torch.inference_mode(), self.torch.autocast(self.device.type, dtype=dtype or self.torch.float32,
+                                                                  enabled=enabled):
+                out = self.model(x).float()
+            ok_scores = self.scorer.to_score(out).cpu().numpy().tolist()
+            ok_dists = out.cpu().numpy().tolist() if self.scorer.head["kind"] == "distribution" else None
+            for j, i in enumerate(np.flatnonzero(ok)):
+                scores[i] = ok_scores[j]
+                dists[i] = ok_dists[j] if ok_dists is not None else None
+        return pa.table({"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+                         "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
+                         "score": pa.array(scores, pa.float64()),
+                         "distribution": pa.array(dists, pa.list_(pa.float32())),
+                         "model": pa.array([self.scorer.model_id] * len(errors), pa.string()),
+                         "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
+
+
+@dataclass
+class LabelResult:
+    """What a label run did."""
+
+    output: str
+    inputs: int
+    already_done: int
+    new_rows: int
+    reused: int
+    errors: int
+    seconds: float
+    model: str
+
+    @property
+    def images_per_s(self) -> float:
+        """New rows per second."""
+        return self.new_rows / self.seconds if self.seconds else 0.0
+
+
+def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -> LabelResult:
+    """Score the inputs not yet in ``cfg.output`` with the model at ``cfg.model``. Ray must be initialised."""
+    progress = progress or logger.info
+    start = time.perf_counter()
+    description = describe_scoring_model(cfg.model)  # fails fast before any image is read
+    uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
+    spec = description["preprocess"]
+    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    model_id = scoring_model_id(cfg.model, description)
+    table = ResultTable(cfg.output, LABEL_SCHEMA)
+    table.ensure_meta({"model": model_id, "weights": model_id, "model_key": model_id, "head": description["head"],
+                       "preprocess": preprocess.to_dict(), "cskd_ray_version": __version__})
+    done = table.read(["uri", "sha256"])
+    done_uris = set(done.column("uri").to_pylist())
+    pending = [u for u in uris if u not in done_uris]
+    progress(f"label: {len(uris)} inputs, {len(uris) - len(pending)} already labeled, {len(pending)} to do")
+    writer = ShardWriter(table, "label", cfg.shard_rows, len(pending), progress)
+    known = sorted({d for d in done.column("sha256").to_pylist() if d})
+    actor_kwargs = {"model_dir": cfg.model, "precision": cfg.precision, "torch_threads": cfg.torch_threads,
+                    "actors": cfg.concurrency}
+    reused = process_pending(pending, known, preprocess, ScoreActor, actor_kwargs,
+                             PipelineOptions.from_config(cfg), writer)
+    return LabelResult(cfg.output, len(uris), len(uris) - len(pending), writer.rows, reused, writer.errors,
+                       time.perf_counter() - start, model_id)
+
+
+def result_dict(result: LabelResult) -> dict:
+    """JSON-ready summary."""
+    return {**asdict(result), "images_per_s": round(result.images_per_s, 2)}

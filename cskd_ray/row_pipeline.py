@@ -1,0 +1,150 @@
+"""The Ray Data pass shared by every stage that runs a model over images: features, label, score.
+
+Given the URIs not yet in an output table, it streams them through read/hash/decode tasks (bytes read
+once, bad files become error rows) and a pool of model actors, and appends one row per URI to the
+output in atomic shards. Content seen before (in the output, or earlier in the same run) is not
+computed again: those rows are *deferred* and copied from the representative's row at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cskd_ray.data.transforms import PreprocessSpec
+from cskd_ray.feature_cache import FeatureCache
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Batching and resources of the pass (the same keys in every stage config that runs one)."""
+
+    batch_size: int
+    decode_batch_size: int
+    decode_num_cpus: float
+    concurrency: int
+    num_cpus_per_actor: float
+    num_gpus_per_actor: float | None
+    max_pixels: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PipelineOptions:
+        """Pick the options from a stage config that has these fields."""
+        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+
+
+class ShardWriter:
+    """Buffers result rows and writes them to the table in shards of ``shard_rows``, with progress lines."""
+
+    def __init__(self, table: FeatureCache, stage: str, shard_rows: int, total: int,
+                 progress: Callable[[str], None]) -> None:
+        self.table, self.stage, self.shard_rows, self.total = table, stage, shard_rows, total
+        self.progress, self.buffer = progress, []
+        self.rows = self.errors = self.read_errors = 0
+        self.start = self.last_report = time.perf_counter()
+
+    def add(self, rows: pa.Table) -> None:
+        """Queue rows; write a shard when enough have gathered."""
+        if len(rows) == 0:
+            return
+        rows = rows.select(self.table.schema.names).cast(self.table.schema)
+        self.buffer.append(rows)
+        self.rows += len(rows)
+        self.errors += len(rows) - rows.column("error").null_count
+        self.read_errors += rows.column("sha256").null_count
+        if sum(len(t) for t in self.buffer) >= self.shard_rows:
+            self.flush()
+        if time.perf_counter() - self.last_report > 5:
+            self.report()
+
+    def flush(self) -> None:
+        """Write whatever is buffered as one shard."""
+        if self.buffer:
+            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks())
+            self.buffer = []
+
+    def report(self) -> None:
+        """Print one progress line."""
+        self.last_report = time.perf_counter()
+        rate = self.rows / max(self.last_report - self.start, 1e-9)
+        self.progress(f"{self.stage}: {self.rows}/{self.total} rows ({100 * self.rows / max(self.total, 1):.1f}%), "
+                      f"{rate:.1f} img/s, {self.errors} errors")
+
+
+def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.Table:
+    """One row per URI: a row computed for one representative is repeated for its duplicates."""
+    index, uris = [], []
+    for i, digest in enumerate(table.column("sha256").to_pylist()):
+        for uri in uris_by_digest[digest]:
+            index.append(i)
+            uris.append(uri)
+    out = table.take(pa.array(index, pa.int64()))
+    return out.set_column(out.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))
+
+
+def _uri_blocks(table: pa.Table, rows_per_block: int) -> Any:
+    """A Ray dataset of ``table`` split into blocks, so map tasks run in parallel."""
+    import ray
+
+    blocks = [table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type, actor_kwargs: dict,
+            options: PipelineOptions, writer: ShardWriter) -> list[tuple[str, str]]:
+    """Run the Ray Data pass; write computed rows; return the deferred ``(uri, sha256)`` pairs."""
+    import ray
+
+    from cskd_ray.feature_tasks import ContentRegistry, read_decode_batch
+
+    gpus = options.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    registry = ray.remote(num_cpus=0)(ContentRegistry).remote()
+    for start in range(0, len(known), 100_000):
+        ray.get(registry.add.remote(known[start:start + 100_000]))
+    block_rows = max(options.decode_batch_size, min(1024, len(pending) // 8 or 1))
+    ds = _uri_blocks(pa.table({"uri": pa.array(pending, pa.string())}), block_rows)
+    ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
+                        num_cpus=options.decode_num_cpus,
+                        fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
+                                   "registry": registry})
+    ds = ds.map_batches(
+        actor_cls, batch_size=options.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=options.concurrency), num_cpus=options.num_cpus_per_actor,
+        num_gpus=gpus,
+    )
+    deferred: list[tuple[str, str]] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        is_deferred = batch.column("deferred")
+        writer.add(batch.filter(pc.invert(is_deferred)))
+        later = batch.filter(is_deferred)
+        deferred.extend(zip(later.column("uri").to_pylist(), later.column("sha256").to_pylist(), strict=True))
+    ray.kill(registry)
+    return deferred
+
+
+def process_pending(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type,
+                    actor_kwargs: dict, options: PipelineOptions, writer: ShardWriter) -> int:
+    """Give every pending URI its row in the writer's table; return how many rows were copied, not computed.
+
+    Ray must be initialised. ``known`` lists the sha256 digests already in the table.
+    """
+    if not pending:
+        return 0
+    deferred = _stream(pending, known, preprocess, actor_cls, actor_kwargs, options, writer)
+    writer.flush()  # the representatives of deferred rows are now in the table
+    uris_by_digest: dict[str, list[str]] = defaultdict(list)
+    for uri, digest in deferred:
+        uris_by_digest[digest].append(uri)
+    writer.add(expand_to_uris(writer.table.lookup(set(uris_by_digest)), uris_by_digest))
+    writer.flush()
+    writer.report()
+    return len(deferred)
