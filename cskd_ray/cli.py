@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     label = sub.add_parser("label", help="phase 2b: the teacher pseudo-labels the unlabeled images (Ray Data)")
     _add_stage_args(label)
 
+    evaluate = sub.add_parser("evaluate", help="SRCC / PLCC / accuracy / EMD of a model on labeled images")
+    evaluate.add_argument("--model", required=True, help="model folder (teacher's output/model)")
+    evaluate.add_argument("--labels", required=True, metavar="FMT:PATH", help="e.g. ava:AVA.txt or tad66k:test.csv")
+    evaluate.add_argument("--images", default=None, metavar="ROOT", help="folder or s3:// prefix of the images")
+    evaluate.add_argument("--test-list", default=None, help="AVA: the official test list (gives the split)")
+    evaluate.add_argument("--split", default=None, help="evaluate only rows of this split (e.g. test)")
+    evaluate.add_argument("--threshold", type=float, default=None, help="accuracy threshold (default: 5 for AVA)")
+    evaluate.add_argument("--output", default=None, help="where scores and metrics.json go (default MODEL/../evaluate)")
+
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
     models.add_argument("--pattern", default="", help="glob filter, e.g. 'mobilenet*'")
@@ -187,6 +196,31 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cskd-ray evaluate --model M --labels FMT:PATH``: print a metrics table, write metrics.json."""
+    import os
+
+    from cskd_ray.data.labels import LABEL_FORMATS
+    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
+    from cskd_ray.models.saved import describe_scoring_model
+    from cskd_ray.runtime import init_ray
+
+    fmt, sep, path = args.labels.partition(":")
+    if not sep or fmt not in LABEL_FORMATS:
+        raise ConfigError(f"--labels {args.labels!r}: expected FMT:PATH with FMT one of {', '.join(LABEL_FORMATS)}")
+    model = os.path.abspath(args.model) if "://" not in args.model else args.model
+    describe_scoring_model(model)
+    absolute = [os.path.abspath(p) if p and "://" not in p else p for p in (path, args.images, args.test_list)]
+    output = args.output or storage.join(model.rstrip("/").rsplit("/", 1)[0], "evaluate")
+    request = EvaluationRequest(model, fmt, absolute[0], output if "://" in output else os.path.abspath(output),
+                                absolute[1], absolute[2], args.split, args.threshold)
+    init_ray()
+    report = evaluate_model(request)
+    print(format_table(report))
+    print(f"evaluate: metrics at {storage.join(request.output, 'metrics.json')}")
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -207,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label,
+            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "evaluate": cmd_evaluate,
             "list-models": cmd_list_models}
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 
 from cskd_ray.config import ConfigError, load_config
+from cskd_ray.evaluation import EvaluationRequest, evaluate_model
 from cskd_ray.losses import emd_loss
 from cskd_ray.train.supervise import HeadSpec, SupervisedTask, run_teacher
 
@@ -71,6 +72,14 @@ def test_teacher_trains_on_ava_labels_and_exports_the_best_checkpoint(ray_sessio
     assert {"val_srcc", "val_plcc", "val_accuracy", "val_emd"} <= set(description["metrics"])
     assert (tmp_path / "teacher" / "model" / "model.safetensors").stat().st_size > 10_000
     assert len(list((tmp_path / "teacher" / "train").glob("checkpoint_2*"))) <= 2  # train.keep_checkpoints
+    # `evaluate` scores the validation split through Ray Data and must agree with the teacher's own validation
+    report = evaluate_model(EvaluationRequest(str(tmp_path / "teacher" / "model"), "ava", str(demo_data / "AVA.txt"),
+                                              str(tmp_path / "eval"), str(demo_data / "images"),
+                                              str(demo_data / "test.jpgl"), split="test"))
+    assert report["scored"] == result.val_rows and report["threshold"] == 5.0
+    for name in ("srcc", "plcc", "accuracy", "emd"):
+        assert report[name] == pytest.approx(description["metrics"][f"val_{name}"], abs=1e-4), name
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["srcc"] == report["srcc"]
 
 
 @pytest.mark.ray
