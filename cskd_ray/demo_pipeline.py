@@ -1,8 +1,8 @@
 """``cskd-ray demo``: generate demo data, run the pipeline on a local Ray, print what it did.
 
 At this stage the pipeline is: demo data → features (CLIP cache) → align (phase 1) → teacher (phase 2a,
-the aligned encoder + a distribution head on the demo AVA labels). The later stages (label, distill,
-evaluate) join it as they land.
+the aligned encoder + a distribution head on the demo AVA labels) → label (phase 2b, pseudo-labels of the
+unlabeled images) → evaluate (the teacher on the demo test split). Distillation joins it when it lands.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "features.yaml"
 DEFAULT_ALIGN_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "align.yaml"
 DEFAULT_TEACHER_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "teacher.yaml"
+DEFAULT_LABEL_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "label.yaml"
 
 
 def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
     """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
-    from cskd_ray.cli import run_align_command, run_features_command, run_teacher_command
+    from cskd_ray.cli import run_align_command, run_features_command, run_label_command, run_teacher_command
     from cskd_ray.data.demo import make_demo_data
+    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
 
     start = time.perf_counter()
     data_dir = Path(workdir) / "data"
@@ -44,8 +46,19 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
          f"labels.test_list={data_dir_abs / 'test.jpgl'}"],
         [data.ava_path], str(Path(workdir) / "teacher"),
     )
+    print("demo: phase 2b, the teacher pseudo-labels the unlabeled images ...", flush=True)
+    teacher_model = str((Path(workdir) / "teacher" / "model").resolve())
+    label = run_label_command(str(DEFAULT_LABEL_CONFIG), [f"model={teacher_model}"],
+                              [str(data_dir_abs / "unlabeled.csv")], str(Path(workdir) / "pseudo-labels"))
+    report = evaluate_model(EvaluationRequest(teacher_model, "ava", str(Path(data.ava_path).resolve()),
+                                              str((Path(workdir) / "evaluate-teacher").resolve()),
+                                              str(data_dir_abs / "images"), str(data_dir_abs / "test.jpgl"), "test"))
+    print("demo: the teacher on the demo test split:")
+    print(format_table(report))
     summary = {"workdir": workdir, "data": data.__dict__, "features": features, "align": align, "teacher": teacher,
+               "label": label, "evaluate_teacher": report,
                "total_seconds": round(time.perf_counter() - start, 2)}
     storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
     print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")
+    print("demo: all models here are tiny and every CLIP weight is RANDOM (offline); see README 'Real CLIP weights'.")
     return summary
