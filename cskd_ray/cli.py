@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_args(teacher)
     label = sub.add_parser("label", help="phase 2b: the teacher pseudo-labels the unlabeled images (Ray Data)")
     _add_stage_args(label)
+    distill = sub.add_parser("distill", help="phase 2c: the student learns from labels and pseudo-labels")
+    _add_stage_args(distill)
 
     evaluate = sub.add_parser("evaluate", help="SRCC / PLCC / accuracy / EMD of a model on labeled images")
     evaluate.add_argument("--model", required=True, help="model folder (teacher's output/model)")
@@ -146,29 +148,44 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_teacher_command(config: str, overrides: list[str], input_uris: list[str] | None,
-                        output_uri: str | None) -> dict:
-    """Load and validate the teacher config, start Ray, train (or resume), print and return the summary."""
+def run_supervised_command(stage: str, config: str, overrides: list[str], input_uris: list[str] | None,
+                           output_uri: str | None) -> dict:
+    """Teacher / distill: load and validate the config, start Ray, train (or resume), print the summary."""
     from dataclasses import asdict
 
     from cskd_ray.config import load_config
     from cskd_ray.runtime import init_ray
-    from cskd_ray.train.supervise import run_teacher
 
-    cfg = load_config("teacher", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    cfg = load_config(stage, config, overrides, input_uris=input_uris, output_uri=output_uri)
     init_ray()
-    result = run_teacher(cfg)
+    if stage == "distill":
+        from cskd_ray.train.distill import run_distill as run
+    else:
+        from cskd_ray.train.supervise import run_teacher as run
+    result = run(cfg)
     val = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in sorted(result.metrics.items())
                     if k.startswith("val_"))
-    print(f"teacher: {result.steps} steps on {result.train_rows} labeled images ({result.head['kind']} head), "
+    print(f"{stage}: {result.steps} steps on {result.train_rows} training rows ({result.head['kind']} head), "
           f"best validation on {result.val_rows} images: {val}; {result.seconds:.1f} s")
-    print(f"teacher: model at {cfg.output}/model, checkpoints at {cfg.output}/train")
+    print(f"{stage}: model at {cfg.output}/model, checkpoints at {cfg.output}/train")
     return asdict(result)
+
+
+def run_teacher_command(config: str, overrides: list[str], input_uris: list[str] | None,
+                        output_uri: str | None) -> dict:
+    """``cskd-ray teacher``: see :func:`run_supervised_command`."""
+    return run_supervised_command("teacher", config, overrides, input_uris, output_uri)
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """``cskd-ray teacher CONFIG``."""
-    run_teacher_command(args.config, args.overrides, args.input, args.output)
+    run_supervised_command("teacher", args.config, args.overrides, args.input, args.output)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """``cskd-ray distill CONFIG``."""
+    run_supervised_command("distill", args.config, args.overrides, args.input, args.output)
     return 0
 
 
@@ -241,7 +258,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "evaluate": cmd_evaluate,
+            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "distill": cmd_distill,
+            "evaluate": cmd_evaluate,
             "list-models": cmd_list_models}
 
 

@@ -179,8 +179,22 @@ class TeacherConfig(StrictModel):
     _one_input = field_validator("input", mode="before")(AlignConfig._one_input.__func__)
 
 
+class DistillConfig(TeacherConfig):
+    """Phase 2c: the aligned student learns from labels, the teacher's pseudo-labels and CLIP features.
+
+    L = L_sup + kd_weight · D(student, pseudo-labels) + feat_weight · (1 − cos(P'(E_s(x)), C(x))).
+    """
+
+    pseudo_labels: str = Field(description="Pseudo-label table written by `label` (the unlabeled images).")
+    features: str | None = Field(None, description="Feature cache for the feature term; needed when feat_weight > 0.")
+    kd_weight: float = Field(1.0, ge=0, description="λ_kd; 0 turns the pseudo-label term off.")
+    feat_weight: float = Field(0.0, ge=0, description="λ_feat; 0 turns the CLIP feature term off.")
+    max_unlabeled: int | None = Field(None, ge=1, description="Use at most this many pseudo-labeled images.")
+
+
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig,
-                                               "teacher": TeacherConfig, "label": LabelConfig}
+                                               "teacher": TeacherConfig, "label": LabelConfig,
+                                               "distill": DistillConfig}
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -277,7 +291,7 @@ def load_config(
     return cfg
 
 
-URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list", "model")
+URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list", "model", "pseudo_labels", "features")
 
 
 def _absolutize(node: Any) -> None:

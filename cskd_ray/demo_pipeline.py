@@ -2,7 +2,8 @@
 
 At this stage the pipeline is: demo data → features (CLIP cache) → align (phase 1) → teacher (phase 2a,
 the aligned encoder + a distribution head on the demo AVA labels) → label (phase 2b, pseudo-labels of the
-unlabeled images) → evaluate (the teacher on the demo test split). Distillation joins it when it lands.
+unlabeled images) → distill (phase 2c, the student on labels + pseudo-labels + CLIP features), next to a
+student trained on the labels alone; one table compares them on the demo test split.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ DEFAULT_FEATURES_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "features.ya
 DEFAULT_ALIGN_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "align.yaml"
 DEFAULT_TEACHER_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "teacher.yaml"
 DEFAULT_LABEL_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "label.yaml"
+DEFAULT_DISTILL_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "distill.yaml"
 
 
 def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
     """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
-    from cskd_ray.cli import run_align_command, run_features_command, run_label_command, run_teacher_command
+    from cskd_ray.cli import (
+        run_align_command,
+        run_features_command,
+        run_label_command,
+        run_supervised_command,
+        run_teacher_command,
+    )
     from cskd_ray.data.demo import make_demo_data
     from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
 
@@ -55,10 +63,33 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
                                               str(data_dir_abs / "images"), str(data_dir_abs / "test.jpgl"), "test"))
     print("demo: the teacher on the demo test split:")
     print(format_table(report))
+    common = [f"aligned={aligned / 'model'}", f"labels.images_root={data_dir_abs / 'images'}",
+              f"labels.test_list={data_dir_abs / 'test.jpgl'}",
+              f"pseudo_labels={(Path(workdir) / 'pseudo-labels').resolve()}", f"features={Path(cache).resolve()}"]
+    print("demo: phase 2c, distilling into the student (labels + pseudo-labels + CLIP features) ...", flush=True)
+    student = run_supervised_command("distill", str(DEFAULT_DISTILL_CONFIG), common, [data.ava_path],
+                                     str(Path(workdir) / "student"))
+    print("demo: baseline, the same student on the labels alone (kd_weight=0, feat_weight=0) ...", flush=True)
+    baseline = run_supervised_command("distill", str(DEFAULT_DISTILL_CONFIG),
+                                      [*common, "kd_weight=0", "feat_weight=0"], [data.ava_path],
+                                      str(Path(workdir) / "student-labels-only"))
+    print(comparison_table({"teacher": teacher, "student (CSKD)": student, "student (labels only)": baseline}))
+    stage_rates = {"features": features["images_per_s"], "align": align["images_per_s"],
+                   "label": label["images_per_s"]}
+    print("demo: images/s per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_rates.items()))
     summary = {"workdir": workdir, "data": data.__dict__, "features": features, "align": align, "teacher": teacher,
-               "label": label, "evaluate_teacher": report,
+               "label": label, "evaluate_teacher": report, "student": student, "student_labels_only": baseline,
                "total_seconds": round(time.perf_counter() - start, 2)}
     storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
     print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")
     print("demo: all models here are tiny and every CLIP weight is RANDOM (offline); see README 'Real CLIP weights'.")
     return summary
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """Validation SRCC / PLCC / accuracy of each model (the best checkpoint's) as a text table."""
+    lines = [f"{'model':<24}{'SRCC':>8}{'PLCC':>8}{'accuracy':>10}", "-" * 50]
+    for name, result in results.items():
+        m = result["metrics"]
+        lines.append(f"{name:<24}{m['val_srcc']:>8.3f}{m['val_plcc']:>8.3f}{m['val_accuracy']:>10.3f}")
+    return "\n".join(lines)

@@ -71,9 +71,11 @@ def _encoder_for(stage: TeacherConfig) -> tuple[nn.Module, PreprocessSpec, int]:
 class SupervisedTask(nn.Module):
     """E + H trained on labels; ``validate`` returns SRCC, PLCC, accuracy and EMD on the val batches."""
 
+    config_class: type[TeacherConfig] = TeacherConfig
+
     def __init__(self, stage: dict, head: dict) -> None:
         super().__init__()
-        cfg, self.spec = TeacherConfig(**stage), HeadSpec(**head)
+        cfg, self.spec = self.config_class(**stage), HeadSpec(**head)
         encoder, self.preprocess, dim = _encoder_for(cfg)
         self.model = EncoderWithHead(encoder, AestheticHead(dim, self.spec.kind, self.spec.bins, cfg.dropout))
 
@@ -84,15 +86,18 @@ class SupervisedTask(nn.Module):
     def _outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)).float()
 
+    def label_loss(self, out: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """EMD (r = 2) against the row's distribution, or MSE against its normalised score; 0 for no rows."""
+        if not rows.any():
+            return out.sum() * 0.0
+        if self.spec.kind == "distribution":
+            return emd_loss(out[rows], batch["distribution"].float()[rows], r=2.0)
+        target = (batch["score"].float() - self.spec.low) / (self.spec.high - self.spec.low)
+        return score_mse(out[rows], target[rows])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """EMD (r = 2) or normalised-score MSE on the valid rows."""
-        valid, out = batch["valid"].bool(), self._outputs(batch)
-        if self.spec.kind == "distribution":
-            loss = emd_loss(out[valid], batch["distribution"].float()[valid], r=2.0)
-        else:
-            target = (batch["score"].float() - self.spec.low) / (self.spec.high - self.spec.low)
-            loss = score_mse(out[valid], target[valid])
-        return {"loss": loss}
+        return {"loss": self.label_loss(self._outputs(batch), batch, batch["valid"].bool())}
 
     def validate(self, batches: Any) -> dict[str, float]:
         """``val_srcc``, ``val_plcc``, ``val_accuracy``, ``val_emd`` over all rows of ``batches``."""
@@ -190,25 +195,31 @@ def run_teacher(cfg: TeacherConfig) -> TeacherResult:
     factory = functools.partial(SupervisedTask, head=asdict(head))
     trainer = build_trainer("teacher", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
                             cfg.output, val_dataset=val_ds, best_metric="val_srcc")
-    result = trainer.fit()
-    best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_srcc", float("-inf")))[0] \
-        if result.best_checkpoints else result.checkpoint
-    with best.as_directory() as directory:
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        weights = load_file(str(Path(directory) / MODEL_FILE))
+    state, weights = best_checkpoint(trainer.fit())
     export_model(cfg, head, preprocess, weights, state)
     return TeacherResult(cfg.output, int(state["step"]), len(train), val_rows, asdict(head), state["metrics"],
                          time.perf_counter() - start)
 
 
-def export_model(cfg: TeacherConfig, head: HeadSpec, preprocess: PreprocessSpec, weights: dict, state: dict) -> None:
+def best_checkpoint(result: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+    """State and weights of the kept checkpoint with the highest ``val_srcc`` (the latest if none scored)."""
+    best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_srcc", float("-inf")))[0] \
+        if result.best_checkpoints else result.checkpoint
+    with best.as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        weights = load_file(str(Path(directory) / MODEL_FILE))
+    return state, weights
+
+
+def export_model(cfg: TeacherConfig, head: HeadSpec, preprocess: PreprocessSpec, weights: dict, state: dict,
+                 stage: str = "teacher") -> None:
     """Write ``output/model``: ``model.safetensors`` (E + H) and ``model.json`` (how to rebuild and score)."""
     model_dir = storage.join(cfg.output, "model")
     tensors = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     encoder = cfg.encoder.model_dump(mode="json")
     if cfg.aligned:
         encoder = json.loads(storage.read_text(storage.join(cfg.aligned, "model.json")))["encoder"]
-    description = {"stage": "teacher", "encoder": encoder, "head": asdict(head), "preprocess": preprocess.to_dict(),
+    description = {"stage": stage, "encoder": encoder, "head": asdict(head), "preprocess": preprocess.to_dict(),
                    "step": state["step"], "metrics": state["metrics"], "config": cfg.model_dump(mode="json")}
     storage.write_bytes_once(storage.join(model_dir, MODEL_FILE), save_safetensors(tensors), overwrite=True)
     storage.write_text_once(storage.join(model_dir, "model.json"), json.dumps(description, indent=2), overwrite=True)

@@ -1,0 +1,155 @@
+"""Phase 2c, semi-supervised distillation: the aligned student learns from labels and pseudo-labels.
+
+Each batch mixes labeled rows (the label file's training split) and unlabeled rows (the pseudo-label
+table written by ``label``, optionally joined by content with the CLIP feature cache):
+
+    L = L_sup + λ_kd · D(student(x_u), teacher(x_u)) + λ_feat · (1 − cos(P'(E_s(x_u)), C(x_u)))
+
+D is EMD (r = 2) for distribution heads and MSE on the normalised score for scalar heads; L_sup is the
+same loss against the labels; the teacher outputs come from the pseudo-label table, so the teacher is
+never run here (and cannot receive gradients). λ_kd = ``kd_weight``, λ_feat = ``feat_weight``;
+0 turns a term off. Validation and the exported model are as for the teacher.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from cskd_ray.config import ConfigError, DistillConfig
+from cskd_ray.data.transforms import normalize_batch
+from cskd_ray.feature_cache import FeatureCache, ResultTable
+from cskd_ray.labeling import LABEL_SCHEMA
+from cskd_ray.losses import cosine_alignment
+from cskd_ray.models.heads import ProjectionHead
+from cskd_ray.train.common import build_trainer
+from cskd_ray.train.supervise import (
+    HeadSpec,
+    SupervisedTask,
+    TeacherResult,
+    _encoder_for,
+    _head_spec,
+    best_checkpoint,
+    decode_labeled,
+    export_model,
+    labeled_datasets,
+)
+
+
+class DistillTask(SupervisedTask):
+    """Student E_s + H_s (+ P' into CLIP space); ``forward`` returns ``loss``, ``sup``, ``kd`` and ``feat``."""
+
+    config_class = DistillConfig
+
+    def __init__(self, stage: dict, head: dict, clip_dim: int) -> None:
+        super().__init__(stage, head)
+        cfg = DistillConfig(**stage)
+        self.kd_weight, self.feat_weight = cfg.kd_weight, cfg.feat_weight
+        self.projection = ProjectionHead(self.model.head.net[-1].in_features, clip_dim) if cfg.feat_weight else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student encoder, head and (for the feature term) its projection P'."""
+        return list(self.parameters())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The three terms on their rows (labeled, unlabeled, unlabeled with a CLIP feature) and their sum."""
+        valid, labeled = batch["valid"].bool(), batch["labeled"].bool()
+        features = self.model.encoder(normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device))
+        out = self.model.head(features).float()
+        sup = self.label_loss(out, batch, valid & labeled)
+        kd = self.label_loss(out, batch, valid & ~labeled)
+        terms = {"sup": sup, "kd": kd}
+        loss = sup + self.kd_weight * kd
+        if self.projection is not None:
+            rows = valid & batch["has_feature"].bool()
+            feat = cosine_alignment(self.projection(features.float())[rows], batch["feature"].float()[rows]) \
+                if rows.any() else out.sum() * 0.0
+            terms["feat"], loss = feat, loss + self.feat_weight * feat
+        return {"loss": loss, **terms}
+
+
+def _unlabeled_rows(cfg: DistillConfig, labeled_uris: set[str], head: HeadSpec) -> tuple[pa.Table, int]:
+    """Pseudo-labeled rows (not labeled ones) with their CLIP feature when the cache has it; and the dim."""
+    pseudo = ResultTable(cfg.pseudo_labels, LABEL_SCHEMA)
+    if pseudo.read_meta() is None:
+        raise ConfigError(f"pseudo_labels {cfg.pseudo_labels}: not a pseudo-label table; run `label` first")
+    table = pseudo.read(["uri", "sha256", "score", "distribution", "error"])
+    table = table.filter(pc.and_(table.column("error").is_null(),
+                                 pc.invert(pc.is_in(table.column("uri"), pa.array(sorted(labeled_uris), pa.string())))))
+    if head.kind == "distribution" and table.column("distribution").null_count:
+        raise ConfigError(f"pseudo_labels {cfg.pseudo_labels}: the teacher gave scalar scores, the student has a "
+                          "distribution head; train the teacher on distribution labels or set head: scalar")
+    if cfg.max_unlabeled:
+        table = table.slice(0, cfg.max_unlabeled)
+    dim, features = 0, [None] * len(table)
+    if cfg.feat_weight > 0:
+        if not cfg.features:
+            raise ConfigError("feat_weight > 0 needs `features`: the feature cache of the unlabeled images")
+        cache = FeatureCache(cfg.features)
+        dim = int((cache.read_meta() or {}).get("dim", 0))
+        known = cache.lookup(set(table.column("sha256").to_pylist()))
+        by_digest = dict(zip(known.column("sha256").to_pylist(), known.column("feature").to_pylist(), strict=True))
+        features = [by_digest.get(d) for d in table.column("sha256").to_pylist()]
+    distribution = table.column("distribution").cast(pa.list_(pa.float64()))
+    rows = pa.table({"uri": table.column("uri"), "score": table.column("score"), "distribution": distribution,
+                     "labeled": pa.array(np.zeros(len(table), dtype=bool)),
+                     "feature": pa.array(features, pa.list_(pa.float32()))})
+    return rows, dim
+
+
+def decode_mixed(batch: pa.Table, spec: dict, max_pixels: int, feature_dim: int) -> dict[str, np.ndarray]:
+    """Ray Data task: :func:`decode_labeled` plus ``labeled``, ``has_feature`` and ``feature`` (N, D)."""
+    out = decode_labeled(batch, spec, max_pixels)
+    features = np.zeros((len(batch), max(1, feature_dim)), dtype=np.float32)
+    has = np.zeros(len(batch), dtype=np.uint8)
+    for i, row in enumerate(batch.column("feature").to_pylist()):
+        if row is not None and feature_dim:
+            features[i], has[i] = row, 1
+    return {**out, "labeled": batch.column("labeled").to_numpy(zero_copy_only=False).astype(np.uint8),
+            "has_feature": has, "feature": features}
+
+
+def run_distill(cfg: DistillConfig) -> TeacherResult:
+    """Train (or resume) the student; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
+    import ray
+
+    start = time.perf_counter()
+    _, preprocess, _ = _encoder_for(cfg)
+    _, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
+    head = _head_spec(cfg, train)
+    unlabeled, dim = _unlabeled_rows(cfg, set(train.column("uri").to_pylist()), head)
+    labeled = pa.table({"uri": train.column("uri"), "score": train.column("score"),
+                        "distribution": train.column("distribution"),
+                        "labeled": pa.array(np.ones(len(train), dtype=bool)),
+                        "feature": pa.nulls(len(train), pa.list_(pa.float32()))})
+    mixed = pa.concat_tables([labeled, unlabeled.cast(labeled.schema)])
+    mixed = mixed.take(pa.array(np.random.default_rng(cfg.train.seed).permutation(len(mixed))))
+    block = max(cfg.decode_batch_size, 64)
+    train_ds = ray.data.from_arrow([mixed.slice(i, block) for i in range(0, len(mixed), block)]).map_batches(
+        decode_mixed, batch_size=cfg.decode_batch_size, batch_format="pyarrow",
+        fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": cfg.max_pixels, "feature_dim": dim})
+    world, batch = cfg.train.num_workers, cfg.train.batch_size
+    steps_per_epoch = (len(mixed) // world) // max(1, batch // world)
+    if batch % world or steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
+                          f"the {len(mixed)} training rows")
+    factory = functools.partial(DistillTask, head=asdict(head), clip_dim=max(1, dim))
+    trainer = build_trainer("distill", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
+                            cfg.output, val_dataset=val_ds, best_metric="val_srcc")
+    state, weights = best_checkpoint(trainer.fit())
+    export_model(cfg, head, preprocess, weights, state, stage="distill")
+    return TeacherResult(cfg.output, int(state["step"]), len(mixed), val_rows, asdict(head), state["metrics"],
+                         time.perf_counter() - start)
+
+
+def result_dict(result: TeacherResult) -> dict[str, Any]:
+    """JSON-ready summary."""
+    return asdict(result)

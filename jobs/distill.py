@@ -1,0 +1,8 @@
+"""Entry point for ``ray job submit -- python jobs/distill.py CONFIG [--set k=v] [--input URI] [--output URI]``."""
+
+import sys
+
+from cskd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["distill", *sys.argv[1:]]))
