@@ -353,3 +353,11 @@ def test_describe_clip_fails_fast_offline_for_tags() -> None:
 
     with pytest.raises(WeightsUnavailableError, match=r"ViT-B-32/openai.*offline"):
         describe_clip("ViT-B-32", "openai")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "test_vit", "test_efficientnet"])
+def test_encoder_dim_is_the_width_of_the_pooled_output(name: str) -> None:
+    loaded = create_encoder(name)
+    with torch.no_grad():
+        out = loaded.model.eval()(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, loaded.dim)

@@ -337,4 +337,12 @@ def create_encoder(name: str, pretrained: bool | str = False, **kwargs: object) 
         std=tuple(float(s) for s in data_cfg["std"]),
         interpolation=str(data_cfg.get("interpolation", "bicubic")),
     )
-    return LoadedModel(model, spec, name, weights, int(model.num_features))
+    return LoadedModel(model, spec, name, weights, encoder_dim(model))
+
+
+def encoder_dim(model: nn.Module) -> int:
+    """Width of a timm encoder's pooled output (``num_classes=0``): the head's hidden size when it has one.
+
+    MobileNetV3, for example, pools 576 channels and then projects them to 1024 in its ``conv_head``.
+    """
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)

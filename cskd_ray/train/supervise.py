@@ -36,7 +36,7 @@ from cskd_ray.data.transforms import PreprocessSpec, normalize_batch, resize_cro
 from cskd_ray.losses import emd_loss, score_mse
 from cskd_ray.metrics import evaluate_scores
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
-from cskd_ray.models.registry import create_encoder
+from cskd_ray.models.registry import create_encoder, encoder_dim
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
 from cskd_ray.train.common import build_trainer
 
@@ -63,7 +63,7 @@ def _encoder_for(stage: TeacherConfig) -> tuple[nn.Module, PreprocessSpec, int]:
         from cskd_ray.train.align import load_aligned
 
         aligned, preprocess, _ = load_aligned(stage.aligned)
-        return aligned.encoder.train(), preprocess, int(aligned.encoder.num_features)
+        return aligned.encoder.train(), preprocess, encoder_dim(aligned.encoder)
     loaded = create_encoder(stage.encoder.name, stage.encoder.pretrained)
     return loaded.model, loaded.preprocess, loaded.dim
 
