@@ -51,7 +51,7 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
     """
     import ray
 
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    preprocess = PreprocessSpec.from_dict(spec)
     size, n = preprocess.image_size, len(batch["uri"])
     uris = [str(u) for u in batch["uri"]]
     contents: list[bytes | None] = []

@@ -102,7 +102,7 @@ def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -
     description = describe_scoring_model(cfg.model)  # fails fast before any image is read
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
     spec = description["preprocess"]
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    preprocess = PreprocessSpec.from_dict(spec)
     model_id = scoring_model_id(cfg.model, description)
     table = ResultTable(cfg.output, LABEL_SCHEMA)
     table.ensure_meta({"model": model_id, "weights": model_id, "model_key": model_id, "head": description["head"],

@@ -57,6 +57,11 @@ class PreprocessSpec:
         if self.image_size < 8:
             raise ValueError(f"image_size {self.image_size} is too small (minimum 8)")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        """Rebuild a spec from :meth:`to_dict` output (lists become tuples)."""
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
     def to_dict(self) -> dict:
         """A JSON-ready description."""
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

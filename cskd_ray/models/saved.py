@@ -65,6 +65,6 @@ def load_scoring_model(model_dir: str) -> ScoringModel:
     path = fetch_checkpoint(storage.join(model_dir, WEIGHTS))
     load_weights_into(model, path, description["encoder"]["name"])
     spec = description["preprocess"]
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    preprocess = PreprocessSpec.from_dict(spec)
     return ScoringModel(model.eval().requires_grad_(False), preprocess, head,
                         scoring_model_id(model_dir, description), description)

@@ -27,14 +27,13 @@ from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import AlignConfig, ConfigError
-from cskd_ray.data.decode import decode_image
-from cskd_ray.data.transforms import PreprocessSpec, normalize_batch, resize_crop
+from cskd_ray.data.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.feature_cache import FeatureCache
 from cskd_ray.losses import alignment_loss
 from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
 from cskd_ray.models.registry import create_encoder
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer
+from cskd_ray.train.common import build_trainer, decode_for_training
 
 MODEL_DIR = "model"
 
@@ -65,26 +64,16 @@ class AlignTask(nn.Module):
         return {"loss": loss, "cosine": cosine}
 
 
-def decode_for_training(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
     """Ray Data task: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target``, ``valid``.
 
     A row whose image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every
     worker sees exactly the number of rows the step count was planned for.
     """
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
     batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
-    size, n = preprocess.image_size, len(batch)
     features = batch.column("feature").combine_chunks()
-    target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    valid = np.zeros(n, dtype=np.uint8)
-    for i, uri in enumerate(batch.column("uri").to_pylist()):
-        try:
-            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
-        except (OSError, ValueError):
-            continue
-        if decoded.ok:
-            pixels[i], valid[i] = resize_crop(decoded.image, preprocess), 1
+    target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(batch), -1)
+    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
     return {"pixels": pixels, "target": target, "valid": valid}
 
 
@@ -101,7 +90,7 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     fs, _ = storage.resolve(cache_uri)
     ds = ray.data.read_parquet([storage.resolve(s)[1] for s in cache.shards()], filesystem=fs,
                                columns=["uri", "feature", "error"])
-    ds = ds.map_batches(decode_for_training, batch_size=decode_batch_size, batch_format="pyarrow",
+    ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels})
     return ds, rows
 

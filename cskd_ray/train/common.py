@@ -13,14 +13,35 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import TrainerConfig
+from cskd_ray.data.decode import decode_image
+from cskd_ray.data.transforms import PreprocessSpec, resize_crop
 from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, unwrap
 
 TaskFactory = Callable[[dict], nn.Module]
+
+
+def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read, decode and resize/crop images for a training batch: ``pixels`` (N, S, S, 3) uint8 and ``valid``.
+
+    An image that cannot be read or decoded keeps its row with ``valid = 0`` (losses skip it), so every
+    worker sees exactly the number of rows its step count was planned for.
+    """
+    size = spec.image_size
+    pixels, valid = np.zeros((len(uris), size, size, 3), dtype=np.uint8), np.zeros(len(uris), dtype=np.uint8)
+    for i, uri in enumerate(uris):
+        try:
+            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
+        except (OSError, ValueError):
+            continue
+        if decoded.ok:
+            pixels[i], valid[i] = resize_crop(decoded.image, spec), 1
+    return pixels, valid
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -30,15 +30,14 @@ from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, TeacherConfig
-from cskd_ray.data.decode import decode_image
 from cskd_ray.data.labels import load_labels
-from cskd_ray.data.transforms import PreprocessSpec, normalize_batch, resize_crop
+from cskd_ray.data.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import emd_loss, score_mse
 from cskd_ray.metrics import evaluate_scores
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
 from cskd_ray.models.registry import create_encoder, encoder_dim
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer
+from cskd_ray.train.common import build_trainer, decode_for_training
 
 
 @dataclass(frozen=True)
@@ -116,22 +115,14 @@ class SupervisedTask(nn.Module):
 
 def decode_labeled(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
     """Ray Data task: labeled rows → ``pixels``, ``valid``, ``score`` and ``distribution`` (zeros if none)."""
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
-    size, n = preprocess.image_size, len(batch)
+    n = len(batch)
     dist = batch.column("distribution").combine_chunks()
     width = max((len(d) for d in dist.to_pylist() if d is not None), default=1)
     distribution = np.zeros((n, width), dtype=np.float32)
     for i, row in enumerate(dist.to_pylist()):
         if row is not None:
             distribution[i] = row
-    pixels, valid = np.zeros((n, size, size, 3), dtype=np.uint8), np.zeros(n, dtype=np.uint8)
-    for i, uri in enumerate(batch.column("uri").to_pylist()):
-        try:
-            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
-        except (OSError, ValueError):
-            continue
-        if decoded.ok:
-            pixels[i], valid[i] = resize_crop(decoded.image, preprocess), 1
+    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
     return {"pixels": pixels, "valid": valid, "score": batch.column("score").to_numpy().astype(np.float32),
             "distribution": distribution}
 
