@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, default=None, help="accuracy threshold (default: 5 for AVA)")
     evaluate.add_argument("--output", default=None, help="where scores and metrics.json go (default MODEL/../evaluate)")
 
+    diagnose = sub.add_parser("diagnose", help="attention distance / entropy of a ViT before and after alignment")
+    diagnose.add_argument("--model", required=True, help="aligned model folder (align's output/model)")
+    diagnose.add_argument("--images", required=True, nargs="+", metavar="URI",
+                          help="folders, prefixes, globs or manifests")
+    diagnose.add_argument("--max-images", type=int, default=32)
+    diagnose.add_argument("--output", default=None, help="where diagnose.json/.png go (default MODEL/../diagnose)")
+
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
     models.add_argument("--pattern", default="", help="glob filter, e.g. 'mobilenet*'")
@@ -238,6 +245,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """``cskd-ray diagnose``: per-layer attention statistics before and after alignment, as JSON and PNG."""
+    import os
+
+    from cskd_ray.diagnose import run_diagnose
+
+    model = os.path.abspath(args.model) if "://" not in args.model else args.model
+    if not storage.exists(storage.join(model, "model.json")):
+        raise ConfigError(f"--model {args.model}: not a model folder (no model.json); pass align's output/model")
+    output = args.output or storage.join(model.rstrip("/").rsplit("/", 1)[0], "diagnose")
+    report = run_diagnose(model, args.images, output, args.max_images)
+    for label in ("before", "after"):
+        distance = [sum(layer) / len(layer) for layer in report[label]["distance_px"]]
+        entropy = [sum(layer) / len(layer) for layer in report[label]["entropy"]]
+        print(f"diagnose: {label:>6} alignment: distance (px) per layer {', '.join(f'{d:.1f}' for d in distance)}; "
+              f"entropy {', '.join(f'{e:.2f}' for e in entropy)}")
+    print(f"diagnose: {report['images']} images; JSON and plot at {output}/diagnose.json, {output}/diagnose.png")
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -259,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
             "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "distill": cmd_distill,
-            "evaluate": cmd_evaluate,
+            "evaluate": cmd_evaluate, "diagnose": cmd_diagnose,
             "list-models": cmd_list_models}
 
 
