@@ -66,3 +66,34 @@ def test_aligned_model_loads_and_projects_into_clip_space(feature_cache: str, tm
 def test_align_rejects_a_folder_that_is_not_a_feature_cache(ray_session, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not a feature cache"):
         _align(str(tmp_path), tmp_path / "out")
+
+
+def test_ddp_two_workers_equal_one_worker_with_the_same_global_batch(feature_cache: str, tmp_path: Path) -> None:
+    """2 DDP workers x 30 rows train the same weights as 1 worker x 60 rows, up to 2% of how far they moved.
+
+    Each step uses the whole dataset (global batch = 60 rows), so a step sees the same set of rows whichever
+    worker Ray Data hands them to, and test_vit has no batch statistics: averaging the two workers' mean
+    gradients equals the one worker's mean over 60 rows up to float summation order. AdamW divides by
+    sqrt(v) + eps, which magnifies those rounding differences on near-zero gradients. The bound is therefore
+    relative to the largest weight change (the difference seen here is about 1%), not an absolute epsilon.
+    """
+    common = ("train.batch_size=60", "train.epochs=3", "train.checkpoint_every=100")
+    _align(feature_cache, tmp_path / "one", *common, "train.num_workers=1")
+    _align(feature_cache, tmp_path / "two", *common, "train.num_workers=2")
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    initial = _initial_weights()
+    moved = max(float((one[k] - initial[k]).abs().max()) for k in one)
+    differ = max(float((one[k] - two[k]).abs().max()) for k in one)
+    print(f"ddp: weights moved by up to {moved:.3e}; 1 vs 2 workers differ by up to {differ:.3e}")
+    assert moved > 1e-3, "training moved the weights"
+    assert differ <= 0.02 * moved, f"1 vs 2 workers differ by {differ:.2e}; weights moved by {moved:.2e}"
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from cskd_ray.models import create_encoder
+    from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
+
+    torch.manual_seed(0)  # train.seed: the loop seeds before building the task
+    encoder = create_encoder("test_vit")
+    return EncoderWithProjection(encoder.model, ProjectionHead(encoder.dim, 32)).state_dict()
