@@ -178,12 +178,6 @@ def run_supervised_command(stage: str, config: str, overrides: list[str], input_
     return asdict(result)
 
 
-def run_teacher_command(config: str, overrides: list[str], input_uris: list[str] | None,
-                        output_uri: str | None) -> dict:
-    """``cskd-ray teacher``: see :func:`run_supervised_command`."""
-    return run_supervised_command("teacher", config, overrides, input_uris, output_uri)
-
-
 def cmd_teacher(args: argparse.Namespace) -> int:
     """``cskd-ray teacher CONFIG``."""
     run_supervised_command("teacher", args.config, args.overrides, args.input, args.output)

@@ -19,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cskd_ray.data.decode import DEFAULT_MAX_PIXELS
 
 
+def _single_input(value: Any) -> Any:
+    """``--input`` gives a list; stages that read one file or table take its only element."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"this stage takes exactly one input URI, got {len(value)}")
+        return value[0]
+    return value
+
+
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it and the valid choices."""
 
@@ -143,11 +152,7 @@ class AlignConfig(StrictModel):
     @field_validator("input", mode="before")
     @classmethod
     def _one_input(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError(f"align takes one feature cache as input, got {len(value)}")
-            return value[0]
-        return value
+        return _single_input(value)
 
 
 class LabelsConfig(StrictModel):
@@ -176,7 +181,10 @@ class TeacherConfig(StrictModel):
     decode_batch_size: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
-    _one_input = field_validator("input", mode="before")(AlignConfig._one_input.__func__)
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_input(cls, value: Any) -> Any:
+        return _single_input(value)
 
 
 class DistillConfig(TeacherConfig):

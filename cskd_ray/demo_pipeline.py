@@ -29,7 +29,6 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
         run_features_command,
         run_label_command,
         run_supervised_command,
-        run_teacher_command,
     )
     from cskd_ray.data.demo import make_demo_data
     from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
@@ -48,8 +47,8 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
     align = run_align_command(str(DEFAULT_ALIGN_CONFIG), [], [cache], str(aligned))
     print("demo: phase 2a, training the teacher on the labeled demo images ...", flush=True)
     data_dir_abs = Path(data.output).resolve()
-    teacher = run_teacher_command(
-        str(DEFAULT_TEACHER_CONFIG),
+    teacher = run_supervised_command(
+        "teacher", str(DEFAULT_TEACHER_CONFIG),
         [f"aligned={aligned / 'model'}", f"labels.images_root={data_dir_abs / 'images'}",
          f"labels.test_list={data_dir_abs / 'test.jpgl'}"],
         [data.ava_path], str(Path(workdir) / "teacher"),

@@ -9,7 +9,6 @@ row when the driver resolves them from the cache at the end.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import numpy as np
@@ -79,13 +78,6 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
             "error": np.array(errors, dtype=str), "deferred": deferred}
 
 
-def pick_precision(precision: str, device: str) -> str:
-    """Resolve ``auto`` precision: fp16 on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        return "fp16" if device == "cuda" else "fp32"
-    return precision
-
-
 class ClipFeatureActor:
     """Ray Data actor: loads the frozen CLIP image tower once and embeds batches of uint8 images."""
 
@@ -94,28 +86,27 @@ class ClipFeatureActor:
         import torch
 
         from cskd_ray.models import create_clip
+        from cskd_ray.precision import set_cpu_threads
 
         if device == "cpu":
-            # Ray pins OMP threads to the actor's num_cpus; CPU inference wants the node's cores.
-            torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // actors))
+            set_cpu_threads(torch_threads, actors)
         self.torch = torch
         self.loaded = create_clip(clip["name"], clip.get("pretrained"), seed=clip.get("seed", 0))
         self.device = torch.device(device)
         self.model = self.loaded.model.to(self.device)
         if device == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(pick_precision(precision, device))
+        self.precision = precision
         self.value_type = pa.float16() if feature_dtype == "float16" else pa.float32()
         self.np_dtype = np.float16 if feature_dtype == "float16" else np.float32
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """CLIP image features of a ``(N, S, S, 3)`` uint8 batch, as float32 numpy."""
         from cskd_ray.data.transforms import normalize_batch
+        from cskd_ray.precision import autocast
 
         inputs = normalize_batch(pixels, self.loaded.preprocess, self.device)
-        autocast = self.torch.autocast(self.device.type, dtype=self.autocast_dtype or self.torch.float32,
-                                       enabled=self.autocast_dtype is not None)
-        with self.torch.inference_mode(), autocast:
+        with self.torch.inference_mode(), autocast(self.device.type, self.precision):
             return self.model(inputs).float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -34,24 +34,22 @@ class ScoreActor:
     """Ray Data actor: loads a scoring model once and scores batches of uint8 images."""
 
     def __init__(self, model_dir: str, device: str, precision: str, torch_threads: int, actors: int = 1) -> None:
-        import os
-
         import torch
 
         from cskd_ray.models.saved import load_scoring_model
+        from cskd_ray.precision import set_cpu_threads
 
         if device == "cpu":
-            torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // actors))
+            set_cpu_threads(torch_threads, actors)
         self.torch, self.device = torch, torch.device(device)
         self.scorer = load_scoring_model(model_dir)
         self.model = self.scorer.model.to(self.device)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            "fp16" if precision == "auto" and device == "cuda" else precision)
-        self.autocast = (dtype, dtype is not None)
+        self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Score the rows to compute; return the label schema's columns plus ``deferred``."""
         from cskd_ray.data.transforms import normalize_batch
+        from cskd_ray.precision import autocast
 
         errors = [str(e) or None for e in batch["error"]]
         deferred = np.asarray(batch["deferred"], dtype=bool)
@@ -59,9 +57,7 @@ class ScoreActor:
         scores, dists = [None] * len(errors), [None] * len(errors)
         if ok.any():
             x = normalize_batch(batch["pixels"][ok], self.scorer.preprocess, self.device)
-            dtype, enabled = self.autocast
-            with self.torch.inference_mode(), self.torch.autocast(self.device.type, dtype=dtype or self.torch.float32,
-                                                                  enabled=enabled):
+            with self.torch.inference_mode(), autocast(self.device.type, self.precision):
                 out = self.model(x).float()
             ok_scores = self.scorer.to_score(out).cpu().numpy().tolist()
             ok_dists = out.cpu().numpy().tolist() if self.scorer.head["kind"] == "distribution" else None

@@ -21,6 +21,7 @@ from cskd_ray import storage
 from cskd_ray.config import TrainerConfig
 from cskd_ray.data.decode import decode_image
 from cskd_ray.data.transforms import PreprocessSpec, resize_crop
+from cskd_ray.precision import autocast
 from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, unwrap
 
 TaskFactory = Callable[[dict], nn.Module]
@@ -50,13 +51,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-
-
-def _autocast(device: torch.device, precision: str) -> Any:
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        "fp16" if precision == "auto" and device.type == "cuda" else precision
-    )
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _mean_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -128,7 +122,7 @@ def train_worker_loop(loop_config: dict) -> None:
                 continue
             if index >= steps_per_epoch or state.step >= stop_at:
                 continue  # every rank drains its shard, so all ranks stay in step
-            with _autocast(device, cfg.precision):
+            with autocast(device.type, cfg.precision):
                 outputs = model(batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(outputs["loss"]).backward()
