@@ -19,6 +19,7 @@ from cskd_ray.labeling import run_label
 from cskd_ray.losses import cosine_alignment, emd_loss
 from cskd_ray.models import create_encoder
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
+from cskd_ray.train import augment
 from cskd_ray.train.distill import DistillTask, run_distill
 
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
@@ -69,27 +70,109 @@ def test_zero_weights_turn_terms_off(demo_data: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(out["loss"], out["sup"])
 
 
+def _save_teacher(folder: Path, name: str = "test_vit") -> Path:
+    """A teacher model folder (random weights) as the teacher stage writes it."""
+    torch.manual_seed(0)
+    encoder = create_encoder(name)
+    folder.mkdir(parents=True)
+    model = EncoderWithHead(encoder.model, AestheticHead(encoder.dim, "distribution", 10))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps({"stage": "teacher", "encoder": {"name": name}, "head": HEAD,
+                                                   "preprocess": encoder.preprocess.to_dict()}))
+    return folder
+
+
+EXTRA_TEACHERS = ("extra_teachers=[{kind: clip, name: cskd-tiny-vit, weight: 0.25}, "
+                  "{kind: timm, name: test_resnet, weight: 0.5, projection: mlp}]")
+
+
+def test_consistency_term_is_emd_of_strong_student_view_to_weak_teacher_view(demo_data: Path, tmp_path: Path) -> None:
+    teacher = _save_teacher(tmp_path / "teacher", "test_vit2")
+    stage = _stage(demo_data, tmp_path, "kd_weight=0.5", "feat_weight=0", "consistency_weight=0.8",
+                   f"teacher_model={teacher}",
+                   "augment.noise=0.1")
+    task = DistillTask(stage.model_dump(), HEAD, clip_dim=32)
+    batch = _batch()
+    torch.manual_seed(3)
+    out = task(batch)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        images = (batch["pixels"].permute(0, 3, 1, 2).float() / 255.0)[[2, 3, 4]]  # valid and unlabeled
+        target = task.teacher(augment.weak(images))
+        strong = augment.strong(images, 0.5, 0.4, 0.1)
+        student = task.model(normalize_batch((strong * 255).permute(0, 2, 3, 1), task.preprocess))
+        assert not torch.allclose(strong, images)
+        want = emd_loss(student, target, r=2.0)
+    torch.testing.assert_close(out["cons"].detach(), want, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out["loss"].detach(), (out["sup"] + 0.5 * out["kd"] + 0.8 * out["cons"]).detach())
+
+
+def test_no_gradient_reaches_any_teacher_and_they_stay_in_eval(demo_data: Path, tmp_path: Path) -> None:
+    teacher = _save_teacher(tmp_path / "teacher")
+    stage = _stage(demo_data, tmp_path, "consistency_weight=1.0", f"teacher_model={teacher}", EXTRA_TEACHERS)
+    task = DistillTask(stage.model_dump(), HEAD, clip_dim=32).train()
+    teachers = [task.teacher, *task.extra_teachers]
+    assert [t.name for t in task.extra_teachers] == ["clip:cskd-tiny-vit", "timm:test_resnet"]
+    out = task(_batch(size=64))
+    assert {"cons", "teacher_0", "teacher_1"} <= set(out)
+    out["loss"].backward()
+    for frozen in teachers:
+        assert not frozen.model.training
+        assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+    assert all(p.grad is not None for p in task.extra_projections.parameters())
+    trainable = {id(p) for p in task.trainable_parameters()}
+    assert not trainable & {id(p) for frozen in teachers for p in frozen.parameters()}
+    assert not any(k.startswith(("teacher", "extra_teachers.")) for k in task.state_dict())  # not checkpointed
+
+
+def test_extra_teacher_terms_are_weighted_cosine_alignments(demo_data: Path, tmp_path: Path) -> None:
+    stage = _stage(demo_data, tmp_path, "kd_weight=0", "feat_weight=0", EXTRA_TEACHERS)
+    task = DistillTask(stage.model_dump(), HEAD, clip_dim=32)
+    batch = _batch(size=64)
+    out = task(batch)
+    valid = [0, 1, 2, 3, 4]
+    with torch.no_grad():
+        images = batch["pixels"].permute(0, 3, 1, 2).float()[valid] / 255.0
+        feats = task.model.encoder(normalize_batch(batch["pixels"][valid], task.preprocess))
+        for i, (frozen, projection) in enumerate(zip(task.extra_teachers, task.extra_projections, strict=True)):
+            want = cosine_alignment(projection(feats), frozen(images))
+            torch.testing.assert_close(out[f"teacher_{i}"].detach(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"].detach(),
+                               (out["sup"] + 0.25 * out["teacher_0"] + 0.5 * out["teacher_1"]).detach())
+
+
+def test_consistency_needs_a_teacher_model(demo_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"consistency_weight > 0 needs teacher_model"):
+        _stage(demo_data, tmp_path, "consistency_weight=0.5")
+    with pytest.raises(ConfigError, match=r"extra_teachers.0.kind"):
+        _stage(demo_data, tmp_path, "extra_teachers=[{kind: resnet, name: x}]")
+
+
+def test_augmentations_keep_shape_and_range_and_follow_the_generator() -> None:
+    images = torch.rand(4, 3, 32, 32)
+    flipped = augment.weak(images, torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, i) or torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images, strict=True))
+    a = augment.strong(images, generator=torch.Generator().manual_seed(1))
+    b = augment.strong(images, generator=torch.Generator().manual_seed(1))
+    assert a.shape == images.shape and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    assert (a - images).abs().mean() > 0.02
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_distill_trains_on_labels_pseudo_labels_and_features(ray_session, demo_data: Path, tmp_path: Path) -> None:
     features = str(tmp_path / "features")
     run_features(load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
                              input_uris=[str(demo_data / "images")], output_uri=features))
-    torch.manual_seed(0)
-    encoder = create_encoder("test_vit")
-    teacher = tmp_path / "teacher"
-    teacher.mkdir()
-    model = EncoderWithHead(encoder.model, AestheticHead(encoder.dim, "distribution", 10))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(teacher / "model.safetensors"))
-    (teacher / "model.json").write_text(json.dumps({"stage": "teacher", "encoder": {"name": "test_vit"}, "head": HEAD,
-                                                    "preprocess": encoder.preprocess.to_dict()}))
+    teacher = _save_teacher(tmp_path / "teacher")
     pseudo = str(tmp_path / "pseudo")
     run_label(load_config("label", REPO / "jobs" / "configs" / "demo" / "label.yaml", [f"model={teacher}"],
                           input_uris=[str(demo_data / "unlabeled.csv")], output_uri=pseudo))
     cfg = load_config("distill", CONFIG, [f"labels.images_root={demo_data / 'images'}",
                                           f"labels.test_list={demo_data / 'test.jpgl'}", "aligned=null",
                                           f"pseudo_labels={pseudo}", f"features={features}", "train.batch_size=8",
-                                          "train.epochs=1", "decode_batch_size=8"],
+                                          "train.epochs=1", "decode_batch_size=8", "consistency_weight=0.5",
+                                          f"teacher_model={teacher}", EXTRA_TEACHERS],
                       input_uris=[str(demo_data / "AVA.txt")], output_uri=str(tmp_path / "student"))
     result = run_distill(cfg)
     # 15 labeled images minus the validation split, plus the 45 unlabeled ones that decode (the 4 corrupt
@@ -97,7 +180,7 @@ def test_distill_trains_on_labels_pseudo_labels_and_features(ray_session, demo_d
     assert result.train_rows == (15 - result.val_rows) + 45
     description = json.loads((tmp_path / "student" / "model" / "model.json").read_text())
     assert description["stage"] == "distill" and "val_srcc" in description["metrics"]
-    assert {"sup", "kd", "feat"} <= set(description["metrics"])
+    assert {"sup", "kd", "feat", "cons", "teacher_0", "teacher_1"} <= set(description["metrics"])
 
 
 def test_distill_needs_a_pseudo_label_table(ray_session, demo_data: Path, tmp_path: Path) -> None:

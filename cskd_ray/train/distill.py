@@ -4,11 +4,18 @@ Each batch mixes labeled rows (the label file's training split) and unlabeled ro
 table written by ``label``, optionally joined by content with the CLIP feature cache):
 
     L = L_sup + λ_kd · D(student(x_u), teacher(x_u)) + λ_feat · (1 − cos(P'(E_s(x_u)), C(x_u)))
+        + λ_cons · D(student(strong(x_u)), teacher(weak(x_u)))
+        + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))
 
 D is EMD (r = 2) for distribution heads and MSE on the normalised score for scalar heads; L_sup is the
-same loss against the labels; the teacher outputs come from the pseudo-label table, so the teacher is
-never run here (and cannot receive gradients). λ_kd = ``kd_weight``, λ_feat = ``feat_weight``;
-0 turns a term off. Validation and the exported model are as for the teacher.
+same loss against the labels. The λ_kd term's teacher outputs come from the pseudo-label table (the
+teacher is not run for it). The consistency term (λ_cons) runs the trained teacher online on a weakly
+augmented view (a flip) while the student sees a strong view (crop, colour jitter, noise). The extra
+teachers T_t (multi-teacher, arXiv 2206.00809: CLIP towers, timm classifiers) are frozen feature
+extractors, each with its own student projection P_t, on every image of the batch. Every teacher is
+frozen, in eval mode and outside the optimiser (:mod:`cskd_ray.train.teachers`). λ_kd = ``kd_weight``,
+λ_feat = ``feat_weight``, λ_cons = ``consistency_weight``, w_t = ``extra_teachers[t].weight``; 0 turns a
+term off. Validation and the exported model are as for the teacher.
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ import torch
 from torch import nn
 
 from cskd_ray.config import ConfigError, DistillConfig
-from cskd_ray.data.transforms import normalize_batch
 from cskd_ray.feature_cache import FeatureCache, ResultTable
 from cskd_ray.labeling import LABEL_SCHEMA
-from cskd_ray.losses import cosine_alignment
+from cskd_ray.losses import cosine_alignment, emd_loss, score_mse
 from cskd_ray.models.heads import ProjectionHead
+from cskd_ray.train import augment
 from cskd_ray.train.common import build_trainer
 from cskd_ray.train.supervise import (
     HeadSpec,
@@ -42,28 +49,66 @@ from cskd_ray.train.supervise import (
     export_model,
     labeled_datasets,
 )
+from cskd_ray.train.teachers import build_extra_teacher, load_scoring_teacher
 
 
 class DistillTask(SupervisedTask):
-    """Student E_s + H_s (+ P' into CLIP space); ``forward`` returns ``loss``, ``sup``, ``kd`` and ``feat``."""
+    """Student E_s + H_s (+ projections P', P_t); ``forward`` returns ``loss`` and each term by name.
+
+    Terms: ``sup``, ``kd``, and when their weight is > 0, ``feat``, ``cons`` and ``teacher_<t>``.
+    """
 
     config_class = DistillConfig
 
     def __init__(self, stage: dict, head: dict, clip_dim: int) -> None:
         super().__init__(stage, head)
         cfg = DistillConfig(**stage)
-        self.kd_weight, self.feat_weight = cfg.kd_weight, cfg.feat_weight
-        self.projection = ProjectionHead(self.model.head.net[-1].in_features, clip_dim) if cfg.feat_weight else None
+        self.kd_weight, self.feat_weight, self.cons_weight = cfg.kd_weight, cfg.feat_weight, cfg.consistency_weight
+        self.augment = cfg.augment
+        width = self.model.head.net[-1].in_features
+        self.projection = ProjectionHead(width, clip_dim) if cfg.feat_weight else None
+        self.teacher, self.teacher_head = load_scoring_teacher(cfg.teacher_model) if cfg.consistency_weight \
+            else (None, {})
+        self.extra_teachers = [build_extra_teacher(t) for t in cfg.extra_teachers if t.weight > 0]
+        self.extra_weights = [t.weight for t in cfg.extra_teachers if t.weight > 0]
+        self.extra_projections = nn.ModuleList(
+            ProjectionHead(width, teacher.dim, t.projection)
+            for teacher, t in zip(self.extra_teachers, [t for t in cfg.extra_teachers if t.weight > 0], strict=True))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student encoder, head and (for the feature term) its projection P'."""
+        """Student encoder, head and projections (the frozen teachers are not modules of the task)."""
         return list(self.parameters())
 
+    def _student(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and head outputs of the student on ``(N, 3, S, S)`` images in [0, 1]."""
+        mean = torch.tensor(self.preprocess.mean, device=images01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=images01.device).view(1, 3, 1, 1)
+        features = self.model.encoder((images01 - mean) / std)
+        return features, self.model.head(features).float()
+
+    def _consistency(self, images01: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """D(student(strong(x_u)), teacher(weak(x_u))) on the unlabeled rows."""
+        if not rows.any():
+            return like.sum() * 0.0
+        images = images01[rows]
+        target = self.teacher(augment.weak(images))
+        _, student = self._student(augment.strong(images, self.augment.crop_scale, self.augment.jitter,
+                                                  self.augment.noise))
+        if self.spec.kind == "distribution":
+            return emd_loss(student, target, r=2.0)
+        # the teacher's own scale → the student's normalised score (scalar heads of both)
+        return score_mse(student, (self.teacher_score(target) - self.spec.low) / (self.spec.high - self.spec.low))
+
+    def teacher_score(self, output: torch.Tensor) -> torch.Tensor:
+        """The online teacher's scalar output on the dataset's scale."""
+        head = self.teacher_head
+        return head["low"] + output * (head["high"] - head["low"])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The three terms on their rows (labeled, unlabeled, unlabeled with a CLIP feature) and their sum."""
+        """Every term on its rows (labeled, unlabeled, unlabeled with a CLIP feature, all) and the sum."""
         valid, labeled = batch["valid"].bool(), batch["labeled"].bool()
-        features = self.model.encoder(normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device))
-        out = self.model.head(features).float()
+        images01 = batch["pixels"].permute(0, 3, 1, 2).float() / 255.0
+        features, out = self._student(images01)
         sup = self.label_loss(out, batch, valid & labeled)
         kd = self.label_loss(out, batch, valid & ~labeled)
         terms = {"sup": sup, "kd": kd}
@@ -73,6 +118,16 @@ class DistillTask(SupervisedTask):
             feat = cosine_alignment(self.projection(features.float())[rows], batch["feature"].float()[rows]) \
                 if rows.any() else out.sum() * 0.0
             terms["feat"], loss = feat, loss + self.feat_weight * feat
+        if self.teacher is not None:
+            terms["cons"] = self._consistency(images01, valid & ~labeled, out)
+            loss = loss + self.cons_weight * terms["cons"]
+        for index, (teacher, projection, weight) in enumerate(
+                zip(self.extra_teachers, self.extra_projections, self.extra_weights, strict=True)):
+            if valid.any():
+                term = cosine_alignment(projection(features.float())[valid], teacher(images01[valid]))
+            else:
+                term = out.sum() * 0.0
+            terms[f"teacher_{index}"], loss = term, loss + weight * term
         return {"loss": loss, **terms}
 
 
@@ -117,6 +172,23 @@ def decode_mixed(batch: pa.Table, spec: dict, max_pixels: int, feature_dim: int)
             "has_feature": has, "feature": features}
 
 
+def check_teachers(cfg: DistillConfig, head: HeadSpec) -> None:
+    """Fail before training when a teacher cannot be built or its outputs do not fit the student's head."""
+    from cskd_ray.models.saved import describe_scoring_model
+    from cskd_ray.train.teachers import describe_extra_teacher
+
+    if cfg.consistency_weight > 0 and cfg.teacher_model:
+        teacher = describe_scoring_model(cfg.teacher_model)["head"]
+        if (teacher["kind"], teacher["bins"]) != (head.kind, head.bins):
+            raise ConfigError(f"teacher_model {cfg.teacher_model}: a {teacher['kind']} head with {teacher['bins']} "
+                              f"bins cannot teach the student's {head.kind} head with {head.bins} bins")
+    for index, teacher_cfg in enumerate(cfg.extra_teachers):
+        try:
+            describe_extra_teacher(teacher_cfg)
+        except ValueError as exc:
+            raise ConfigError(f"extra_teachers.{index}.name: {exc}") from exc
+
+
 def run_distill(cfg: DistillConfig) -> TeacherResult:
     """Train (or resume) the student; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
     import ray
@@ -125,6 +197,7 @@ def run_distill(cfg: DistillConfig) -> TeacherResult:
     _, preprocess, _ = _encoder_for(cfg)
     _, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
     head = _head_spec(cfg, train)
+    check_teachers(cfg, head)
     unlabeled, dim = _unlabeled_rows(cfg, set(train.column("uri").to_pylist()), head)
     labeled = pa.table({"uri": train.column("uri"), "score": train.column("score"),
                         "distribution": train.column("distribution"),

@@ -1,0 +1,79 @@
+"""Frozen teachers for distillation: the trained aesthetic teacher and extra feature teachers.
+
+The aesthetic teacher feeds the consistency term; the extra teachers (multi-teacher, arXiv 2206.00809)
+are CLIP image towers and timm object classifiers.
+
+A frozen teacher is kept *outside* the task's module tree: its parameters are not in the optimiser, not in
+DDP's gradient buckets and not in checkpoints (a ViT-L teacher would otherwise be copied into every
+checkpoint). It is always in eval mode, its parameters have ``requires_grad=False`` and it runs under
+``torch.no_grad()``, so no gradient can reach it. Each teacher sees the batch resized to its own input size
+and normalised with its own mean and std.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from cskd_ray.config import ExtraTeacherConfig
+from cskd_ray.data.transforms import PreprocessSpec
+
+
+class FrozenTeacher:
+    """A frozen model fed ``(N, 3, S, S)`` images in [0, 1]; ``__call__`` returns float32 outputs."""
+
+    def __init__(self, model: nn.Module, preprocess: PreprocessSpec, dim: int, name: str) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess, self.dim, self.name = preprocess, dim, name
+        self._device: torch.device | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The teacher's parameters (for tests and for moving it)."""
+        return list(self.model.parameters())
+
+    def _to(self, device: torch.device) -> None:
+        if self._device != device:
+            self.model.to(device)
+            self._device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the teacher's input size (bilinear, antialiased), normalise, forward in eval mode."""
+        self._to(images.device)
+        self.model.eval()
+        size = self.preprocess.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        mean = torch.tensor(self.preprocess.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return self.model((images - mean) / std).float()
+
+
+def build_extra_teacher(cfg: ExtraTeacherConfig) -> FrozenTeacher:
+    """A CLIP image tower (``kind: clip``) or a timm model's pooled features (``kind: timm``), frozen."""
+    from cskd_ray.models.registry import create_clip, create_encoder
+
+    if cfg.kind == "clip":
+        loaded = create_clip(cfg.name, cfg.pretrained if isinstance(cfg.pretrained, str) else None, seed=cfg.seed)
+    else:
+        loaded = create_encoder(cfg.name, cfg.pretrained if cfg.pretrained is not None else False)
+    return FrozenTeacher(loaded.model, loaded.preprocess, loaded.dim, f"{cfg.kind}:{cfg.name}")
+
+
+def describe_extra_teacher(cfg: ExtraTeacherConfig) -> int:
+    """The teacher's output width, without loading weights (CLIP: meta device); fails fast on a bad name."""
+    from cskd_ray.models.registry import create_encoder, describe_clip
+
+    if cfg.kind == "clip":
+        return describe_clip(cfg.name, cfg.pretrained if isinstance(cfg.pretrained, str) else None, seed=cfg.seed).dim
+    return create_encoder(cfg.name, False).dim
+
+
+def load_scoring_teacher(model_dir: str) -> tuple[FrozenTeacher, dict]:
+    """The trained aesthetic teacher (a teacher stage's ``output/model``), frozen, and its head spec."""
+    from cskd_ray.models.saved import load_scoring_model
+
+    loaded = load_scoring_model(model_dir)
+    return FrozenTeacher(loaded.model, loaded.preprocess, loaded.head["bins"], f"teacher:{loaded.model_id}"), \
+        loaded.head
