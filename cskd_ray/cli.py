@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from cskd_ray import storage
 from cskd_ray.config import ConfigError
+from cskd_ray.preflight import check_stage
 
 EXIT_USAGE = 2
 RANDOM_WEIGHTS_NOTE = (
@@ -24,12 +25,13 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from cskd_ray.data.labels import LabelFormatError
-    from cskd_ray.data.sources import SourceError
-    from cskd_ray.models import UnknownModelError, WeightsUnavailableError
-
-    return (ConfigError, SourceError, storage.StorageError, UnknownModelError, WeightsUnavailableError,
-            LabelFormatError, FileNotFoundError)
+    """The exception types that mean a user mistake; modules never imported cannot have raised theirs."""
+    errors: list[type[BaseException]] = [ConfigError, storage.StorageError, FileNotFoundError]
+    for module, names in (("cskd_ray.data.labels", ("LabelFormatError",)), ("cskd_ray.data.sources", ("SourceError",)),
+                          ("cskd_ray.models.registry", ("UnknownModelError", "WeightsUnavailableError"))):
+        if module in sys.modules:  # importing cskd_ray.models only to name its errors costs seconds (torch)
+            errors += [getattr(sys.modules[module], name) for name in names]
+    return tuple(errors)
 
 
 def _add_stage_args(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +115,7 @@ def run_features_command(config: str, overrides: list[str], input_uris: list[str
     from cskd_ray.runtime import init_ray
 
     cfg = load_config("features", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    check_stage("features", cfg)
     plan = plan_features(cfg)  # every user error surfaces here, before Ray starts
     init_ray()
     result = run_features(cfg, plan, progress=lambda line: print(line, flush=True))
@@ -137,9 +140,11 @@ def run_align_command(config: str, overrides: list[str], input_uris: list[str] |
     """Load and validate the align config, start Ray, train (or resume), print and return the summary."""
     from cskd_ray.config import load_config
     from cskd_ray.runtime import init_ray
-    from cskd_ray.train.align import result_dict, run_align
 
     cfg = load_config("align", config, overrides, input_uris=input_uris, output_uri=output_uri)
+    check_stage("align", cfg)  # every user error surfaces here, before Ray starts (and before torch loads)
+    from cskd_ray.train.align import result_dict, run_align
+
     init_ray()
     result = run_align(cfg)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()) if isinstance(v, float))
@@ -164,6 +169,7 @@ def run_supervised_command(stage: str, config: str, overrides: list[str], input_
     from cskd_ray.runtime import init_ray
 
     cfg = load_config(stage, config, overrides, input_uris=input_uris, output_uri=output_uri)
+    check_stage(stage, cfg)  # every user error surfaces here, before Ray starts
     init_ray()
     if stage == "distill":
         from cskd_ray.train.distill import run_distill as run
@@ -194,12 +200,12 @@ def run_label_command(config: str, overrides: list[str], input_uris: list[str] |
                       output_uri: str | None) -> dict:
     """Load and validate the label config, start Ray, pseudo-label what is missing, print the summary."""
     from cskd_ray.config import load_config
-    from cskd_ray.labeling import result_dict, run_label
-    from cskd_ray.models.saved import describe_scoring_model
     from cskd_ray.runtime import init_ray
 
     cfg = load_config("label", config, overrides, input_uris=input_uris, output_uri=output_uri)
-    describe_scoring_model(cfg.model)  # a bad model folder fails before Ray starts
+    check_stage("label", cfg)  # a bad model folder, input or output fails before Ray starts
+    from cskd_ray.labeling import result_dict, run_label
+
     init_ray()
     result = run_label(cfg, progress=lambda line: print(line, flush=True))
     print(f"label: {result.inputs} images, {result.already_done} already labeled, {result.new_rows} new rows "
@@ -219,13 +225,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
     from cskd_ray.data.labels import LABEL_FORMATS
-    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
-    from cskd_ray.models.saved import describe_scoring_model
-    from cskd_ray.runtime import init_ray
 
     fmt, sep, path = args.labels.partition(":")
     if not sep or fmt not in LABEL_FORMATS:
         raise ConfigError(f"--labels {args.labels!r}: expected FMT:PATH with FMT one of {', '.join(LABEL_FORMATS)}")
+    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
+    from cskd_ray.models.saved import describe_scoring_model
+    from cskd_ray.runtime import init_ray
+
     model = os.path.abspath(args.model) if "://" not in args.model else args.model
     describe_scoring_model(model)
     absolute = [os.path.abspath(p) if p and "://" not in p else p for p in (path, args.images, args.test_list)]
