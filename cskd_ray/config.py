@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cskd_ray.data.decode import DEFAULT_MAX_PIXELS
 
@@ -80,6 +80,10 @@ class ImagePassConfig(StrictModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused (bombs).")
     shard_rows: int = Field(4096, ge=1, description="Rows per output Parquet shard.")
+    object_store_mb: int = Field(
+        512, ge=16, description="Object store memory the pass may hold at once (Ray Data resource limit), so memory "
+        "stays flat whatever the number of images."
+    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -96,12 +100,26 @@ class FeaturesConfig(ImagePassConfig):
 
     clip: ClipConfig = Field(default_factory=ClipConfig)
     feature_dtype: Literal["float16", "float32"] = "float16"
+    tokens: bool = Field(
+        False, description="Also store CLIP's patch-token map (grid² × width values per image) for the "
+        "smooth_l1_tokens alignment; ViT CLIP models only. ViT-L-14 at 224 px: 256 × 1024 values, 512 KiB per "
+        "image in float16.")
 
 
 class LabelConfig(ImagePassConfig):
     """Phase 2b: the teacher scores the unlabeled images → pseudo-label table (Parquet)."""
 
     model: str = Field(description="Model folder written by teacher (or distill): output/model.")
+
+
+class ScoreConfig(LabelConfig):
+    """Bulk scoring of any collection with a trained or exported model (``cskd-ray score``)."""
+
+    model: str = Field(description="Model folder written by teacher or distill (output/model), or by export.")
+    min_score: float | None = Field(
+        None, description="Also write OUTPUT/min_score-<t>.csv: the URIs (and scores) at or above this score."
+    )
+    shard_rows: int = Field(1024, ge=1, description="Rows per output Parquet shard (a kill loses at most these).")
 
 
 class EncoderConfig(StrictModel):
@@ -144,7 +162,10 @@ class AlignConfig(StrictModel):
     input: str = Field(description="Feature cache URI written by the features stage.")
     output: str = Field(description="Run folder: checkpoints under train/, the aligned model under model/.")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    loss: Literal["cosine", "mse"] = Field("cosine", description="Alignment loss (cskd_ray.losses).")
+    loss: Literal["cosine", "mse", "smooth_l1_tokens"] = Field(
+        "cosine", description="Alignment loss (cskd_ray.losses); smooth_l1_tokens needs a cache written with "
+        "tokens: true and a ViT encoder whose token grid matches CLIP's.")
+    token_beta: float = Field(2.0, gt=0, description="β of smooth_l1_tokens.")
     train: TrainerConfig = Field(default_factory=TrainerConfig)
     decode_batch_size: int = Field(32, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
@@ -187,10 +208,34 @@ class TeacherConfig(StrictModel):
         return _single_input(value)
 
 
+class ExtraTeacherConfig(StrictModel):
+    """One extra frozen feature teacher (multi-teacher distillation, arXiv 2206.00809)."""
+
+    kind: Literal["clip", "timm"] = Field(description="clip: an open_clip image tower; timm: a timm model's "
+                                                      "pooled features (e.g. an ImageNet classifier).")
+    name: str = Field(description="open_clip model name (kind clip) or timm model name (kind timm).")
+    pretrained: bool | str | None = Field(
+        None, description="clip: open_clip tag, checkpoint path or s3:// URI; timm: true for timm's weights or a "
+        "checkpoint path; null/false: random weights (only useful in tests).")
+    weight: float = Field(1.0, ge=0, description="w_t, this teacher's weight in the loss.")
+    projection: Literal["linear", "mlp"] = Field("linear", description="The student's head P_t into its space.")
+    seed: int = Field(0, description="Seed of random CLIP weights.")
+
+
+class AugmentConfig(StrictModel):
+    """Strong augmentation of the consistency term (the teacher sees a flip only); see cskd_ray.train.augment."""
+
+    crop_scale: float = Field(0.5, gt=0, le=1, description="Smallest crop area fraction of the random resized crop.")
+    jitter: float = Field(0.4, ge=0, lt=1, description="Brightness/contrast/saturation factors in [1 − j, 1 + j].")
+    noise: float = Field(0.03, ge=0, description="Std of added Gaussian noise (pixels in [0, 1]).")
+
+
 class DistillConfig(TeacherConfig):
     """Phase 2c: the aligned student learns from labels, the teacher's pseudo-labels and CLIP features.
 
-    L = L_sup + kd_weight · D(student, pseudo-labels) + feat_weight · (1 − cos(P'(E_s(x)), C(x))).
+    L = L_sup + kd_weight · D(student, pseudo-labels) + feat_weight · (1 − cos(P'(E_s(x)), C(x)))
+        + consistency_weight · D(student(strong(x_u)), teacher(weak(x_u)))
+        + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))   over extra_teachers.
     """
 
     pseudo_labels: str = Field(description="Pseudo-label table written by `label` (the unlabeled images).")
@@ -198,11 +243,157 @@ class DistillConfig(TeacherConfig):
     kd_weight: float = Field(1.0, ge=0, description="λ_kd; 0 turns the pseudo-label term off.")
     feat_weight: float = Field(0.0, ge=0, description="λ_feat; 0 turns the CLIP feature term off.")
     max_unlabeled: int | None = Field(None, ge=1, description="Use at most this many pseudo-labeled images.")
+    consistency_weight: float = Field(0.0, ge=0, description="λ_cons; > 0 runs `teacher_model` online on weakly "
+                                                              "augmented unlabeled images.")
+    teacher_model: str | None = Field(None, description="The teacher's model folder (teacher's output/model); "
+                                                         "needed when consistency_weight > 0.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    extra_teachers: list[ExtraTeacherConfig] = Field(
+        default_factory=list, description="Extra frozen feature teachers, each with its own P_t and weight w_t.")
+
+    @model_validator(mode="after")
+    def _teacher_for_consistency(self) -> DistillConfig:
+        if self.consistency_weight > 0 and not self.teacher_model:
+            raise ValueError("consistency_weight > 0 needs teacher_model (the teacher's output/model folder)")
+        return self
+
+
+PIPELINE_STAGES = ("features", "align_teacher", "align_student", "teacher", "label", "distill", "evaluate", "score")
+
+
+class PipelineStageConfig(StrictModel):
+    """One stage of the pipeline job: its YAML config plus ``--set`` overrides (paths are wired by the job)."""
+
+    config: str | None = Field(None, description="The stage's YAML config; null: the stage's defaults.")
+    set: list[str] = Field(default_factory=list, description="Overrides, as for --set key=value.")
+
+
+class DemoDataConfig(StrictModel):
+    """Generate demo data into ``output`` first (skipped when it is already there)."""
+
+    output: str = Field(description="Folder for the demo images, AVA.txt, test.jpgl and manifests.")
+    num_images: int = Field(200, ge=10)
+    labeled_fraction: float = Field(0.25, gt=0, lt=1)
+    image_size: int = Field(64, ge=32)
+    num_corrupt: int = Field(3, ge=0)
+    seed: int = 0
+
+
+class PipelineConfig(StrictModel):
+    """The whole CSKD pipeline as one job, every stage writing under ``output``; complete stages are skipped.
+
+    Order: features → align (teacher, student) → teacher → label → distill → evaluate → score.
+    """
+
+    input: list[str] = Field(description="Unlabeled images: folders, prefixes, globs or manifests.")
+    output: str = Field(description="Run folder; each stage writes to a sub-folder named after it.")
+    label_file: str = Field(description="Label file for teacher, distill and evaluate (in labels.format).")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    score_input: list[str] | None = Field(None, description="Images to bulk-score; null: `input`.")
+    demo_data: DemoDataConfig | None = Field(None, description="Generate demo data before the first stage.")
+    stages: dict[Literal[PIPELINE_STAGES], PipelineStageConfig] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Per-stage config and overrides; a stage not listed uses defaults.")
+    skip: list[Literal[PIPELINE_STAGES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Stages not to run (their outputs must exist when later stages need them).")
+
+    @field_validator("input", "score_input", mode="before")
+    @classmethod
+    def _string_is_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class SearchDimension(StrictModel):
+    """One key's search domain: exactly one of ``choice``, ``grid``, ``uniform``, ``loguniform``, ``randint``."""
+
+    choice: list[Any] | None = Field(None, min_length=1, description="Each trial samples one of these values.")
+    grid: list[Any] | None = Field(
+        None, min_length=1, description="Every value is tried (grids of several keys multiply; × num_samples).")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]: a float drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], low > 0: uniform in log space.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high]: an integer, both ends included.")
+
+    @model_validator(mode="after")
+    def _one_domain(self) -> SearchDimension:
+        given = [kind for kind in SEARCH_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SEARCH_KINDS)} (got {', '.join(given) or 'none'})")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None and (bounds[0] > bounds[1] if self.randint is not None else bounds[0] >= bounds[1]):
+            raise ValueError(f"{given[0]}: [low, high] needs low < high (got {list(bounds)})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0 (got {self.loguniform[0]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which domain this is (``choice``, ``grid``, ...)."""
+        return next(kind for kind in SEARCH_KINDS if getattr(self, kind) is not None)
+
+    def values(self) -> list[Any]:
+        """The listed values (choice, grid) or the two bounds (uniform, loguniform, randint)."""
+        return list(getattr(self, self.kind))
+
+
+class SchedulerConfig(StrictModel):
+    """When trials stop: ``asha`` stops the weaker ones at rungs of reports; ``fifo`` runs every trial to its end."""
+
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Reports (validation checkpoints) every trial gets before a stop.")
+    reduction_factor: float = Field(2.0, gt=1, description="At each rung only the best 1/reduction_factor go on.")
+    max_t: int = Field(10_000, ge=1, description="ASHA stops any trial after this many reports.")
+
+
+class TuneConfig(StrictModel):
+    """A Ray Tune sweep: each trial runs ``stage`` with ``config`` + ``set`` + values sampled from ``search``.
+
+    Trials write under ``output/trials/<trial_id>``; the sweep writes ``trials.parquet``/``trials.csv`` and
+    ``best_config.yaml`` to ``output`` and keeps Tune's own state in ``output/tune`` (for ``--resume``).
+    """
+
+    stage: Literal["align", "teacher", "distill"] = Field(description="The training stage every trial runs.")
+    config: str = Field(description="The stage's YAML config every trial starts from.")
+    set: list[str] = Field(default_factory=list, description="Overrides of `config`, as for --set key=value.")
+    input: list[str] | None = Field(None, description="Overrides the stage's input (as its --input does).")
+    output: str = Field(description="Experiment folder (local or s3://).")
+    search: dict[str, SearchDimension] = Field(
+        min_length=1, description="Dotted stage-config key → domain, e.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.")
+    metric: str | None = Field(None, description="Reported metric to rank by; null: cosine for align, else val_srcc.")
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    num_samples: int = Field(4, ge=1, description="Samples of the space (each grid point is sampled this often).")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="null: cluster CPUs / (workers × cpus_per_worker + data_cpus_per_trial), and GPUs.")
+    data_cpus_per_trial: float = Field(0.5, ge=0, description="CPUs left per trial for its Ray Data decode tasks.")
+    seed: int | None = Field(0, description="Seed of the sampled values; null: a different sweep every time.")
+    top_k: int = Field(5, ge=1, description="Trials printed at the end.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _string_is_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _flatten_search(cls, value: Any) -> Any:
+        """Nested sections (``train: {lr: {choice: ...}}``, or ``--set search.train.lr.choice=...``) → dotted keys."""
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+        for key, spec in value.items():
+            if isinstance(spec, dict) and spec and not set(spec) & set(SEARCH_KINDS):
+                flat.update({f"{key}.{sub}": inner for sub, inner in cls._flatten_search(spec).items()})
+            else:
+                flat[str(key)] = spec
+        return flat
 
 
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {"features": FeaturesConfig, "align": AlignConfig,
-                                               "teacher": TeacherConfig, "label": LabelConfig,
-                                               "distill": DistillConfig}
+                                               "teacher": TeacherConfig, "label": LabelConfig, "score": ScoreConfig,
+                                               "distill": DistillConfig, "pipeline": PipelineConfig,
+                                               "tune": TuneConfig}
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -231,6 +422,8 @@ def _format_error(stage: str, source: str, exc: ValidationError, model: type[Bas
         return ConfigError(f"{source}: unknown key {key!r} in {stage} config{hint}; valid keys: {', '.join(valid)}")
     if err["type"] == "missing":
         return ConfigError(f"{source}: missing required key {key!r} in {stage} config")
+    if not err["loc"]:  # a check across keys (model validator): its message names the keys
+        return ConfigError(f"{source}: {err['msg'].removeprefix('Value error, ')}")
     return ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
 
 
@@ -299,7 +492,8 @@ def load_config(
     return cfg
 
 
-URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list", "model", "pseudo_labels", "features")
+URI_FIELDS = ("input", "output", "uri", "aligned", "images_root", "test_list", "model", "pseudo_labels", "features",
+              "label_file", "score_input", "config", "teacher_model")
 
 
 def _absolutize(node: Any) -> None:
@@ -312,10 +506,16 @@ def _absolutize(node: Any) -> None:
         return
     for name in type(node).model_fields:
         value = getattr(node, name)
-        if name in URI_FIELDS and isinstance(value, str) and value and "://" not in value:
-            object.__setattr__(node, name, os.path.abspath(os.path.expanduser(value)))
+        if name in URI_FIELDS and isinstance(value, str):
+            object.__setattr__(node, name, _absolute(value))
+        elif name in URI_FIELDS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            object.__setattr__(node, name, [_absolute(v) for v in value])
         else:
-            _absolutize(value)
+            _absolutize(list(value.values()) if isinstance(value, dict) else value)
+
+
+def _absolute(uri: str) -> str:
+    return os.path.abspath(os.path.expanduser(uri)) if uri and "://" not in uri else uri
 
 
 def dump_config(cfg: BaseModel) -> str:

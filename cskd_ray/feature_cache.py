@@ -31,12 +31,13 @@ META_FILE = "_meta.json"
 SHARD_PREFIX = "part-"
 
 
-def feature_schema(dtype: str = "float16") -> pa.Schema:
-    """The schema of the feature cache table."""
+def feature_schema(dtype: str = "float16", tokens: bool = False) -> pa.Schema:
+    """The schema of the feature cache table; ``tokens`` adds the flattened token map (T·C values per row)."""
     value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema(
-        [("uri", pa.string()), ("sha256", pa.string()), ("feature", pa.list_(value)), ("error", pa.string())]
-    )
+    fields = [("uri", pa.string()), ("sha256", pa.string()), ("feature", pa.list_(value)), ("error", pa.string())]
+    if tokens:
+        fields.insert(3, ("tokens", pa.list_(value)))
+    return pa.schema(fields)
 
 
 def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: str = "pooled") -> str:
@@ -118,5 +119,5 @@ class ResultTable:
 class FeatureCache(ResultTable):
     """The features stage's table: ``uri, sha256, feature, error`` (see the module docstring)."""
 
-    def __init__(self, uri: str, dtype: str = "float16") -> None:
-        super().__init__(uri, feature_schema(dtype))
+    def __init__(self, uri: str, dtype: str = "float16", tokens: bool = False) -> None:
+        super().__init__(uri, feature_schema(dtype, tokens))

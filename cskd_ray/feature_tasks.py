@@ -82,7 +82,7 @@ class ClipFeatureActor:
     """Ray Data actor: loads the frozen CLIP image tower once and embeds batches of uint8 images."""
 
     def __init__(self, clip: dict, device: str, precision: str, feature_dtype: str, torch_threads: int,
-                 actors: int = 1) -> None:
+                 actors: int = 1, tokens: bool = False) -> None:
         import torch
 
         from cskd_ray.models import create_clip
@@ -96,32 +96,48 @@ class ClipFeatureActor:
         self.model = self.loaded.model.to(self.device)
         if device == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.precision = precision
+        self.precision, self.tokens = precision, tokens
+        if tokens:  # open_clip's ViT then returns (pooled, patch tokens after ln_post)
+            self.model.visual.output_tokens = True
         self.value_type = pa.float16() if feature_dtype == "float16" else pa.float32()
         self.np_dtype = np.float16 if feature_dtype == "float16" else np.float32
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """CLIP image features of a ``(N, S, S, 3)`` uint8 batch, as float32 numpy."""
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """CLIP image features (N, D) of a ``(N, S, S, 3)`` uint8 batch, and token maps (N, T·C) if asked."""
         from cskd_ray.data.transforms import normalize_batch
         from cskd_ray.precision import autocast
 
         inputs = normalize_batch(pixels, self.loaded.preprocess, self.device)
         with self.torch.inference_mode(), autocast(self.device.type, self.precision):
-            return self.model(inputs).float().cpu().numpy()
+            out = self.model(inputs)
+        if not self.tokens:
+            return out.float().cpu().numpy(), None
+        pooled, tokens = out
+        return pooled.float().cpu().numpy(), tokens.float().flatten(1).cpu().numpy()
+
+    def _list_column(self, values: np.ndarray, ok: np.ndarray) -> pa.Array:
+        width = values.shape[1]
+        offsets = pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=self.value_type),
+                                        mask=pa.array(~ok))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Embed the rows to compute; return ``uri, sha256, feature, error, deferred``."""
         errors = [str(e) or None for e in batch["error"]]
         deferred = np.asarray(batch["deferred"], dtype=bool)
         ok = np.array([e is None for e in errors], dtype=bool) & ~deferred
-        dim = self.loaded.dim
-        features = np.zeros((len(errors), dim), dtype=self.np_dtype)
+        features = np.zeros((len(errors), self.loaded.dim), dtype=self.np_dtype)
+        tokens = None
         if ok.any():
-            features[ok] = self.embed(batch["pixels"][ok]).astype(self.np_dtype)
-        offsets = pa.array(np.arange(0, (len(errors) + 1) * dim, dim, dtype=np.int32))
-        feature_col = pa.ListArray.from_arrays(offsets, pa.array(features.reshape(-1), type=self.value_type),
-                                               mask=pa.array(~ok))
-        return pa.table({"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
-                         "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
-                         "feature": feature_col, "error": pa.array(errors, pa.string()),
-                         "deferred": pa.array(deferred)})
+            pooled, token_maps = self.embed(batch["pixels"][ok])
+            features[ok] = pooled.astype(self.np_dtype)
+            if token_maps is not None:
+                tokens = np.zeros((len(errors), token_maps.shape[1]), dtype=self.np_dtype)
+                tokens[ok] = token_maps.astype(self.np_dtype)
+        columns = {"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+                   "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
+                   "feature": self._list_column(features, ok)}
+        if self.tokens:
+            columns["tokens"] = self._list_column(tokens if tokens is not None else
+                                                  np.zeros((len(errors), 1), self.np_dtype), ok)
+        return pa.table({**columns, "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})

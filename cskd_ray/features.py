@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cskd_ray import __version__, storage
-from cskd_ray.config import FeaturesConfig, dump_config
+from cskd_ray.config import ConfigError, FeaturesConfig, dump_config
 from cskd_ray.data.sources import expand_sources
 from cskd_ray.data.transforms import PreprocessSpec
 from cskd_ray.feature_cache import FeatureCache, model_key
@@ -87,6 +87,16 @@ class FeaturesPlan:
         return bool(self.meta["random_weights"])
 
 
+def token_layout(name: str, visual: Any) -> dict[str, Any]:
+    """``token_grid`` [h, w] and ``token_dim`` of a ViT CLIP tower (open_clip ``VisionTransformer``)."""
+    visual = getattr(visual, "visual", visual)
+    grid, width = getattr(visual, "grid_size", None), getattr(getattr(visual, "transformer", None), "width", None)
+    if grid is None or width is None or not hasattr(visual, "output_tokens"):
+        raise ConfigError(f"tokens: true needs a ViT CLIP with a patch-token grid; clip.name {name!r} has none "
+                          "(use a ViT-* model, or tokens: false)")
+    return {"token_grid": [int(grid[0]), int(grid[1])], "token_dim": int(width)}
+
+
 def plan_features(cfg: FeaturesConfig) -> FeaturesPlan:
     """List the inputs, check the CLIP weights and the cache's model, and find what is not cached yet.
 
@@ -102,11 +112,15 @@ def plan_features(cfg: FeaturesConfig) -> FeaturesPlan:
 
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
     clip = describe_clip(cfg.clip.name, cfg.clip.pretrained, seed=cfg.clip.seed)
+    kind = "pooled+tokens" if cfg.tokens else "pooled"
     meta = {"model": cfg.clip.name, "weights": clip.weights, "random_weights": clip.random_weights,
-            "preprocess": clip.preprocess.to_dict(), "dim": clip.dim, "kind": "pooled",
-            "feature_dtype": cfg.feature_dtype, "model_key": model_key(cfg.clip.name, clip.weights, clip.preprocess),
+            "preprocess": clip.preprocess.to_dict(), "dim": clip.dim, "kind": kind,
+            "feature_dtype": cfg.feature_dtype,
+            "model_key": model_key(cfg.clip.name, clip.weights, clip.preprocess, kind),
             "cskd_ray_version": __version__}
-    cache = FeatureCache(cfg.output, cfg.feature_dtype)
+    if cfg.tokens:
+        meta.update(token_layout(cfg.clip.name, clip.model))
+    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens)
     cache.check_meta(meta)
     cached = cache.read(["uri", "sha256"])
     done = set(cached.column("uri").to_pylist())
@@ -126,14 +140,14 @@ def run_features(cfg: FeaturesConfig, plan: FeaturesPlan | None = None,
     progress = progress or logger.info
     start = time.perf_counter()
     plan = plan or plan_features(cfg)
-    cache = FeatureCache(cfg.output, cfg.feature_dtype)
+    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens)
     cache.ensure_meta(plan.meta)
     pending = plan.pending
     progress(f"features: {len(plan.uris)} inputs, {len(plan.uris) - len(pending)} already cached, "
              f"{len(pending)} to do")
     writer = ShardWriter(cache, "features", cfg.shard_rows, len(pending), progress)
     actor_kwargs = {"clip": cfg.clip.model_dump(), "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
-                    "torch_threads": cfg.torch_threads, "actors": cfg.concurrency}
+                    "torch_threads": cfg.torch_threads, "actors": cfg.concurrency, "tokens": cfg.tokens}
     reused = process_pending(pending, plan.cached_digests, plan.preprocess, ClipFeatureActor, actor_kwargs,
                              PipelineOptions.from_config(cfg), writer)
     result = FeaturesResult(cfg.output, len(plan.uris), len(plan.uris) - len(pending), writer.rows,

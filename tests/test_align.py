@@ -97,3 +97,71 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # train.seed: the loop seeds before building the task
     encoder = create_encoder("test_vit")
     return EncoderWithProjection(encoder.model, ProjectionHead(encoder.dim, 32)).state_dict()
+
+
+@pytest.fixture(scope="module")
+def token_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """CLIP token maps of a tiny ViT at 160 px, patch 16: a 10×10 grid, like timm's test_vit."""
+    out = str(tmp_path_factory.mktemp("align-tokens") / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["batch_size=32", "clip.name=cskd-tiny-vit-160", "tokens=true", "max_images=24"],
+                      input_uris=[str(demo_data / "images")], output_uri=out)
+    run_features(cfg)
+    return out
+
+
+def test_token_cache_holds_clip_patch_tokens(token_cache: str, demo_data: Path) -> None:
+    import numpy as np
+
+    from cskd_ray.data.decode import decode_image
+    from cskd_ray.data.transforms import normalize_batch, resize_crop
+    from cskd_ray.feature_cache import FeatureCache
+    from cskd_ray.models import create_clip
+
+    cache = FeatureCache(token_cache, tokens=True)
+    meta = cache.read_meta()
+    assert meta["kind"] == "pooled+tokens" and meta["token_grid"] == [10, 10] and meta["token_dim"] == 64
+    table = cache.read().filter(cache.read(["error"]).column("error").is_null())
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["tokens"]) == 10 * 10 * 64 and len(row["feature"]) == 32
+    clip = create_clip("cskd-tiny-vit-160")
+    clip.model.visual.output_tokens = True
+    image = decode_image(Path(row["uri"]).read_bytes(), 10**8).image
+    pixels = resize_crop(image, clip.preprocess)[None]
+    with torch.no_grad():
+        pooled, tokens = clip.model(normalize_batch(pixels, clip.preprocess))
+    np.testing.assert_allclose(np.asarray(row["tokens"], np.float32), tokens.flatten().numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(row["feature"], np.float32), pooled[0].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_smooth_l1_tokens_alignment_trains_a_vit_on_token_maps(token_cache: str, tmp_path: Path) -> None:
+    result = _align(token_cache, tmp_path / "tokens", "loss=smooth_l1_tokens", "train.max_steps=2",
+                    "train.batch_size=8")
+    from cskd_ray.feature_cache import FeatureCache
+
+    with_feature = FeatureCache(token_cache, tokens=True).read(["error"]).column("error").null_count
+    assert result.steps == 2 and result.rows == with_feature >= 20  # corrupt files have no feature
+    description = json.loads((tmp_path / "tokens" / "model" / "model.json").read_text())
+    assert description["target"] == "tokens" and description["clip_dim"] == 64
+    assert 0.0 <= description["metrics"]["loss"] and -1.0 <= description["metrics"]["cosine"] <= 1.0
+    model, _, _ = load_aligned(str(tmp_path / "tokens" / "model"))
+    assert model.projection.net.out_features == 64
+
+
+def test_smooth_l1_tokens_refuses_pooled_caches_and_mismatched_grids(feature_cache: str, token_cache: str,
+                                                                      tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds pooled features only; run `features` with tokens: true"):
+        _align(feature_cache, tmp_path / "a", "loss=smooth_l1_tokens")
+    with pytest.raises(ConfigError, match=r"'test_resnet' is not a ViT"):
+        _align(token_cache, tmp_path / "b", "loss=smooth_l1_tokens", "encoder.name=test_resnet")
+    with pytest.raises(ConfigError, match=r"\(14, 14\) token grid, CLIP cskd-tiny-vit-160 has \(10, 10\)"):
+        _align(token_cache, tmp_path / "c", "loss=smooth_l1_tokens", "encoder.name=vit_tiny_patch16_224")
+
+
+def test_token_features_need_a_vit_clip(demo_data: Path, tmp_path: Path) -> None:
+    from cskd_ray.features import plan_features
+
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["clip.name=RN50", "tokens=true"],
+                      input_uris=[str(demo_data / "images")], output_uri=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match=r"tokens: true needs a ViT CLIP.*'RN50' has none"):
+        plan_features(cfg)

@@ -5,7 +5,10 @@ cache's Parquet shards (``uri``, ``feature``), and CPU tasks read and decode eac
 for the encoder. No CLIP forward pass runs here: the targets come from the cache.
 
 Loss (``loss`` in the config; formulas in :mod:`cskd_ray.losses`): ``cosine`` L = 1 − cos(P(E(x)), C(x))
-(default) or ``mse`` L = ‖normalize(P(E(x))) − normalize(C(x))‖².
+(default), ``mse`` L = ‖normalize(P(E(x))) − normalize(C(x))‖², or ``smooth_l1_tokens``
+L = mean SmoothL1_β(P(E_tok(x)) − LayerNorm(C_tok(x))) on patch-token maps (Feature Distillation, arXiv
+2205.14141): P is then a 1×1 projection of each student patch token, and the cache must hold CLIP's token
+maps (features with ``tokens: true``) on the same grid as the student's (a ViT).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class AlignTask(nn.Module):
         loaded = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)
         self.preprocess = loaded.preprocess
         self.student = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, clip_dim, cfg.encoder.projection))
-        self.loss_name = cfg.loss
+        self.loss_name, self.beta = cfg.loss, cfg.token_beta
+        self.tokens = cfg.loss == "smooth_l1_tokens"  # clip_dim is then CLIP's token width
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything in E and P is trained."""
@@ -57,6 +61,8 @@ class AlignTask(nn.Module):
         """Alignment loss and mean cosine similarity over the valid rows of a batch."""
         valid = batch["valid"].bool()
         images = normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)
+        if self.tokens:
+            return self._token_forward(images, batch["target"].float(), valid)
         predicted = self.student(images).float()
         target = batch["target"].float()
         loss = alignment_loss(self.loss_name, predicted[valid], target[valid]) if valid.any() else predicted.sum() * 0
@@ -64,21 +70,60 @@ class AlignTask(nn.Module):
         return {"loss": loss, "cosine": cosine}
 
 
-def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
+    def _token_forward(self, images: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict:
+        """SmoothL1 between projected student patch tokens and whitened CLIP tokens; per-token cosine."""
+        encoder = self.student.encoder
+        tokens = encoder.forward_features(images)[:, getattr(encoder, "num_prefix_tokens", 0):]
+        predicted = self.student.projection(tokens).float()
+        target = target.view(predicted.shape)
+        if not valid.any():
+            zero = predicted.sum() * 0
+            return {"loss": zero, "cosine": zero.detach()}
+        loss = alignment_loss("smooth_l1_tokens", predicted[valid], target[valid], beta=self.beta)
+        whitened = F.layer_norm(target[valid], target.shape[-1:])
+        cosine = F.cosine_similarity(predicted.detach()[valid], whitened, dim=-1).mean()
+        return {"loss": loss, "cosine": cosine}
+
+
+def check_token_grids(cfg: AlignConfig, meta: dict, encoder: nn.Module) -> int:
+    """For ``smooth_l1_tokens``: the cache has token maps and the student's patch grid equals CLIP's.
+
+    Returns:
+        CLIP's token width (the projection's output size).
+    """
+    if "token_grid" not in meta:
+        raise ConfigError(f"loss smooth_l1_tokens: the cache {cfg.input} holds pooled features only; run `features` "
+                          "with tokens: true into a new output first")
+    grid = getattr(getattr(encoder, "patch_embed", None), "grid_size", None)
+    if grid is None or not hasattr(encoder, "forward_features"):
+        raise ConfigError(f"loss smooth_l1_tokens: encoder.name {cfg.encoder.name!r} is not a ViT with a patch grid; "
+                          "use cosine or mse for it")
+    if list(grid) != list(meta["token_grid"]):
+        raise ConfigError(f"loss smooth_l1_tokens: encoder.name {cfg.encoder.name!r} has a {tuple(grid)} token "
+                          f"grid, CLIP {meta.get('model')} has {tuple(meta['token_grid'])}; choose models whose "
+                          "image size / patch size match, or use cosine")
+    return int(meta["token_dim"])
+
+
+def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature") -> dict[str, np.ndarray]:
     """Ray Data task: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target``, ``valid``.
 
     A row whose image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every
     worker sees exactly the number of rows the step count was planned for.
     """
     batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
-    features = batch.column("feature").combine_chunks()
+    features = batch.column(column).combine_chunks()
     target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(batch), -1)
     pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
     return {"pixels": pixels, "target": target, "valid": valid}
 
 
-def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int) -> tuple[Any, int]:
-    """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count."""
+def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int,
+                     column: str = "feature") -> tuple[Any, int]:
+    """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count.
+
+    ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps).
+    """
     import ray
 
     cache = FeatureCache(cache_uri)
@@ -89,9 +134,9 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
         raise ConfigError(f"input {cache_uri}: the cache holds no image with a feature")
     fs, _ = storage.resolve(cache_uri)
     ds = ray.data.read_parquet([storage.resolve(s)[1] for s in cache.shards()], filesystem=fs,
-                               columns=["uri", "feature", "error"])
+                               columns=["uri", column, "error"])
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels})
+                        fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column})
     return ds, rows
 
 
@@ -117,14 +162,17 @@ def run_align(cfg: AlignConfig) -> AlignResult:
     start = time.perf_counter()
     meta = FeatureCache(cfg.input).read_meta() or {}
     probe = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)  # fails fast on a bad name or weights
-    dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels)
+    tokens = cfg.loss == "smooth_l1_tokens"
+    target_dim = check_token_grids(cfg, meta, probe.model) if tokens and meta else int(meta.get("dim", 0))
+    dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels,
+                                     "tokens" if tokens else "feature")
     world, batch = cfg.train.num_workers, cfg.train.batch_size
     if batch % world:
         raise ConfigError(f"train.batch_size {batch} must be a multiple of train.num_workers {world}")
     steps_per_epoch = (rows // world) // (batch // world)
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {batch} is larger than the {rows} cached images")
-    factory = functools.partial(AlignTask, clip_dim=int(meta["dim"]))
+    factory = functools.partial(AlignTask, clip_dim=target_dim)
     trainer = build_trainer("align", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, dataset,
                             cfg.output)
     result = trainer.fit()
@@ -134,7 +182,8 @@ def run_align(cfg: AlignConfig) -> AlignResult:
     weights = save_safetensors({k.removeprefix("student."): v for k, v in task_weights.items()
                                 if k.startswith("student.")})
     model_dir = storage.join(cfg.output, MODEL_DIR)
-    description = {"stage": "align", "encoder": cfg.encoder.model_dump(mode="json"), "clip_dim": meta["dim"],
+    description = {"stage": "align", "encoder": cfg.encoder.model_dump(mode="json"), "clip_dim": target_dim,
+                   "target": "tokens" if tokens else "pooled",
                    "clip": {k: meta.get(k) for k in ("model", "weights", "model_key", "random_weights")},
                    "preprocess": probe.preprocess.to_dict(), "step": state["step"], "metrics": state["metrics"],
                    "config": cfg.model_dump(mode="json")}
