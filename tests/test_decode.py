@@ -230,8 +230,41 @@ def test_animated_image_gives_first_frame(fmt: str) -> None:
 # ---------------------------------------------------------------- bombs
 
 
-def test_pil_bomb_check_is_disabled_globally() -> None:
-    assert Image.MAX_IMAGE_PIXELS is None
+def test_pil_global_bomb_limit_is_left_alone() -> None:
+    """Importing the decoder must not change PIL's process-wide setting that other code relies on."""
+    import subprocess
+    import sys
+
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import cskd_ray.data.decode; "
+        "print(before, Image.MAX_IMAGE_PIXELS)"
+    )
+    before, after = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert before == after == str(DEFAULT_MAX_PIXELS)
+
+
+def real_png_bomb(side: int) -> bytes:
+    """A valid 1-bit PNG of side x side black pixels: a few hundred KB that decode to side² pixels."""
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_real_decompression_bomb_is_refused_without_decoding() -> None:
+    data = real_png_bomb(20000)  # 400 M pixels from about 50 KB
+    assert len(data) < 200_000
+    decoded = decode_image(data)
+    assert decoded.error == f"image too large: 20000x20000 = 400000000 pixels > max_pixels {DEFAULT_MAX_PIXELS}"
+    assert Image.open(io.BytesIO(real_png_bomb(64))).size == (64, 64)  # the generator makes valid PNGs
+    assert pixels(real_png_bomb(64)).shape == (64, 64, 3)
 
 
 def test_image_over_max_pixels_is_refused_before_decoding() -> None:
@@ -247,10 +280,7 @@ def test_image_over_max_pixels_is_refused_before_decoding() -> None:
 def test_image_at_max_pixels_is_not_refused() -> None:
     data = encode(Image.new("RGB", (100, 100), RED), "PNG")
     assert decode_image(data, max_pixels=10000).ok
-    assert (
-        decode_image(data, max_pixels=9999).error
-        == "image too large: 100x100 = 10000 pixels > max_pixels 9999"
-    )
+    assert decode_image(data, max_pixels=9999).error == "image too large: 100x100 = 10000 pixels > max_pixels 9999"
 
 
 def test_pil_decompression_bomb_error_never_raises() -> None:
@@ -261,19 +291,18 @@ def test_pil_decompression_bomb_error_never_raises() -> None:
     assert decoded.error == "truncated image: image file is truncated (0 bytes not processed)"
 
 
-def test_pil_bomb_limit_reenabled_still_gives_an_error_not_an_exception(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    decoded = decode_image(encode(Image.new("RGB", (64, 64)), "PNG"))
-    assert decoded.image is None
-    assert decoded.error is not None and decoded.error.startswith("image too large: ")
-    assert "4096 pixels" in decoded.error
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # between 1x and 2x: PIL only warns
-    decoded = decode_image(encode(Image.new("RGB", (50, 50)), "PNG"))
-    assert (
-        decoded.image is None and decoded.error is not None and decoded.error.startswith("image too large: ")
-    )
+def test_max_pixels_decides_whatever_pil_global_limit_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over 2x, PIL's open would raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no DecompressionBombWarning leaks out
+        assert pixels(encode(Image.new("RGB", (64, 64), RED), "PNG")).shape == (64, 64, 3)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # between 1x and 2x: PIL would only warn
+        assert pixels(encode(Image.new("RGB", (50, 50), RED), "PNG")).shape == (50, 50, 3)
+    decoded = decode_image(encode(Image.new("RGB", (64, 64)), "PNG"), max_pixels=1000)
+    assert decoded == Decoded(None, "image too large: 64x64 = 4096 pixels > max_pixels 1000")
+    assert Image.MAX_IMAGE_PIXELS == 2000  # left as the caller set it
 
 
 # ---------------------------------------------------------------- broken input

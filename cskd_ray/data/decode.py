@@ -3,12 +3,14 @@
 Handles what real photo collections contain: EXIF orientation (applied), palette / LA / RGBA / CMYK /
 16-bit / 32-bit / float / 1-bit / grayscale modes (all become 8-bit RGB; transparency is composited on
 white), animated images (first frame), decompression bombs (refused above ``max_pixels`` before any
-pixel is decoded), and truncated, zero-byte and non-image files (error messages, not crashes).
+pixel is decoded, without touching PIL's process-wide ``Image.MAX_IMAGE_PIXELS``), and truncated,
+zero-byte and non-image files (error messages, not crashes).
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold (about 0.25 GB of 24-bit pixels)
 
-# The decoder decides what an image is; PIL's global bomb check is replaced by our explicit limit.
-Image.MAX_IMAGE_PIXELS = None
+# Our own ``max_pixels`` decides what is too large. PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` is left as
+# it is (other code in the process may rely on it): its warning is silenced locally, and when its error
+# refuses an image, the header is parsed again without it (see _open_unchecked) and max_pixels decides.
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def _open_unchecked(data: bytes) -> Image.Image:
+    """``Image.open`` without PIL's global bomb check: the first format plugin that accepts the header.
+
+    Used only after PIL's check refused an image that our own ``max_pixels`` allows; nothing is decoded
+    here (plugins read the header only), so the caller's size check still runs before any pixel is.
+    """
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and accept(data[:16]) is not True:
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open (header only); when PIL's global bomb check refuses, re-read the header so ``max_pixels`` decides."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return _open_unchecked(data)
+
+
 def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Decoded:
     """Decode image bytes to an 8-bit RGB PIL image with EXIF orientation applied.
 
@@ -86,8 +115,8 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft
         return Decoded(None, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, just below
+            img = _open(data)
             width, height = img.size
             if width * height > max_pixels:
                 return Decoded(
@@ -109,7 +138,7 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft
         lowered = message.lower()
         kind = "truncated image" if "truncated" in lowered or "broken data stream" in lowered else "corrupt image"
         return Decoded(None, f"{kind}: {message}")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return Decoded(None, f"image too large: {exc}")
+    except Image.DecompressionBombError as exc:
+        return Decoded(None, f"image too large: {exc} (max_pixels {max_pixels})")
     except Exception as exc:  # noqa: BLE001 - no input file may crash a job; record what happened
         return Decoded(None, f"undecodable image: {type(exc).__name__}: {exc}")
