@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_args(label)
     distill = sub.add_parser("distill", help="phase 2c: the student learns from labels and pseudo-labels")
     _add_stage_args(distill)
+    tune = sub.add_parser("tune", help="Ray Tune sweep of align, teacher or distill over any config keys (ASHA)")
+    _add_stage_args(tune)
+    tune.add_argument("--resume", action="store_true", help="continue the sweep in the output folder")
+    pipeline = sub.add_parser("pipeline", help="every stage in order as one job, complete stages skipped")
+    _add_stage_args(pipeline)
 
     evaluate = sub.add_parser("evaluate", help="SRCC / PLCC / accuracy / EMD of a model on labeled images")
     evaluate.add_argument("--model", required=True, help="model folder (teacher's output/model)")
@@ -87,6 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folders, prefixes, globs or manifests")
     diagnose.add_argument("--max-images", type=int, default=32)
     diagnose.add_argument("--output", default=None, help="where diagnose.json/.png go (default MODEL/../diagnose)")
+
+    report = sub.add_parser("report", help="one self-contained HTML page of a run: metrics, curves, galleries")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (e.g. runs/demo) or one stage's output")
+    report.add_argument("--output", default=None, help="where the HTML goes (default RUN_DIR/report.html)")
+    report.add_argument("--top", type=int, default=8, help="images in each top / bottom gallery (default 8)")
+
+    score = sub.add_parser("score", help="bulk-score any collection with a trained or exported model (Ray Data)")
+    score.add_argument("--model", required=True, help="model folder (teacher/distill output/model) or export folder")
+    score.add_argument("--input", required=True, nargs="+", metavar="URI",
+                       help="folders, prefixes, globs or manifests (local or s3://)")
+    score.add_argument("--output", required=True, metavar="URI", help="score table (Parquet folder or s3:// prefix)")
+    score.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64)")
+    score.add_argument("--concurrency", type=int, default=None, help="model actors (default 1)")
+    score.add_argument("--num-gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    score.add_argument("--min-score", type=float, default=None,
+                       help="also write OUTPUT/_manifests/min_score-<t>.csv of the images scoring at least this")
+    score.add_argument("--config", default=None, help="optional YAML with more score keys (shard_rows, ...)")
+    score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a score config key, repeatable")
+
+    export = sub.add_parser("export", help="export a scoring model to ONNX or TorchScript, verified against PyTorch")
+    export.add_argument("--model", required=True, help="model folder (teacher/distill output/model)")
+    export.add_argument("--format", required=True, metavar="FORMAT", help="onnx or torchscript")
+    export.add_argument("--output", required=True, metavar="PATH", help="export folder (local or s3://)")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
 
     models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
     models.add_argument("kind", choices=["clip", "encoders"])
@@ -266,6 +296,63 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``cskd-ray report RUN_DIR``: write the HTML report (:mod:`cskd_ray.report`) and print its path."""
+    from cskd_ray.report import write_report
+
+    result = write_report(args.run_dir, args.output, args.top)
+    for key, note in result.notes.items():
+        print(f"report: no {key}: {note}")
+    print(f"report: {result.output}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``cskd-ray tune CONFIG``: run (or ``--resume``) a sweep, print the top trials, write the best config."""
+    from cskd_ray.config import load_config
+    from cskd_ray.runtime import init_ray
+    from cskd_ray.tune import plan_tune, run_tune
+
+    cfg = load_config("tune", args.config, args.overrides, input_uris=args.input, output_uri=args.output)
+    plan_tune(cfg)  # every user error in the sweep or its base config surfaces here, before Ray starts
+    init_ray()
+    run_tune(cfg, resume=args.resume, say=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``cskd-ray score --model M --input URI ... --output URI``: see :mod:`cskd_ray.scoring`."""
+    from cskd_ray.scoring import run_score_command
+
+    flags = {"batch_size": args.batch_size, "concurrency": args.concurrency,
+             "num_gpus_per_actor": args.num_gpus_per_actor, "min_score": args.min_score}
+    overrides = [*args.overrides, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    run_score_command(args.model, args.input, args.output, args.config, overrides,
+                      printer=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``cskd-ray export --model M --format onnx|torchscript --output PATH``: see :mod:`cskd_ray.export`."""
+    from cskd_ray.export import ExportVerificationError, export_model
+
+    try:
+        result = export_model(_absolute(args.model), args.format, _absolute(args.output), args.tolerance)
+    except ExportVerificationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"export: {result.format} model at {result.file} (model {result.model_id}); max abs difference to "
+          f"PyTorch on {result.samples} sample inputs: {result.max_abs_diff:.3g} (tolerance {result.tolerance:g}); "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+def _absolute(uri: str) -> str:
+    import os
+
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     """Print model names, one per line."""
     import fnmatch
@@ -274,6 +361,16 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
     names = list_clip_models() if args.kind == "clip" else list_encoders(args.pattern)
     print("\n".join(n for n in names if not args.pattern or fnmatch.fnmatch(n, args.pattern)))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """``cskd-ray pipeline CONFIG``: every stage in order, complete ones skipped (:mod:`cskd_ray.pipeline`)."""
+    from cskd_ray.config import load_config
+    from cskd_ray.pipeline import run_pipeline
+
+    cfg = load_config("pipeline", args.config, args.overrides, input_uris=args.input, output_uri=args.output)
+    run_pipeline(cfg, say=lambda line: print(line, flush=True))
     return 0
 
 
@@ -287,8 +384,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
             "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "distill": cmd_distill,
-            "evaluate": cmd_evaluate, "diagnose": cmd_diagnose,
-            "list-models": cmd_list_models}
+            "evaluate": cmd_evaluate, "diagnose": cmd_diagnose, "pipeline": cmd_pipeline,
+            "score": cmd_score, "export": cmd_export,
+            "list-models": cmd_list_models, "report": cmd_report, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

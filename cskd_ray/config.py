@@ -81,7 +81,7 @@ class ImagePassConfig(StrictModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused (bombs).")
     shard_rows: int = Field(4096, ge=1, description="Rows per output Parquet shard.")
     object_store_mb: int = Field(
-        512, ge=16, description="Object store memory the pass may hold at once (Ray Data resource limit), so memory "
+        256, ge=16, description="Object store memory the pass may hold at once (Ray Data resource limit), so memory "
         "stays flat whatever the number of images."
     )
 
@@ -136,6 +136,9 @@ class TrainerConfig(StrictModel):
     num_workers: int = Field(1, ge=1, description="DDP workers.")
     use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
     cpus_per_worker: float = Field(0.5, gt=0, description="0.5 leaves room for Ray Data on small machines.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes (Ray placement group strategy); SPREAD: one per node "
+        "where possible.")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many steps in total (the LR schedule still spans all epochs)."

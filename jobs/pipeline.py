@@ -1,0 +1,8 @@
+"""Entry point for ``ray job submit -- python jobs/pipeline.py CONFIG [--set k=v] [--input URI ...] [--output URI]``."""
+
+import sys
+
+from cskd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["pipeline", *sys.argv[1:]]))
