@@ -1,4 +1,4 @@
-"""Phase 2b, pseudo-labels: a trained model scores the unlabeled images with Ray Data.
+"""Phase 2b pseudo-labels and bulk scoring: a trained or exported model scores images with Ray Data.
 
 Output: a folder of Parquet shards with one row per input URI: ``uri``, ``sha256``, ``score`` (on the
 dataset's scale, Σ_k k·p_k for distribution heads), ``distribution`` (list<float32>, null for scalar
@@ -31,7 +31,7 @@ LABEL_SCHEMA = pa.schema([("uri", pa.string()), ("sha256", pa.string()), ("score
 
 
 class ScoreActor:
-    """Ray Data actor: loads a scoring model once and scores batches of uint8 images."""
+    """Ray Data actor: loads a scoring model (PyTorch folder or export) once and scores batches of uint8 images."""
 
     def __init__(self, model_dir: str, device: str, precision: str, torch_threads: int, actors: int = 1) -> None:
         import torch
@@ -41,15 +41,13 @@ class ScoreActor:
 
         if device == "cpu":
             set_cpu_threads(torch_threads, actors)
-        self.torch, self.device = torch, torch.device(device)
-        self.scorer = load_scoring_model(model_dir)
-        self.model = self.scorer.model.to(self.device)
+        self.device = torch.device(device)
+        self.scorer = load_scoring_model(model_dir).to(self.device)
         self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Score the rows to compute; return the label schema's columns plus ``deferred``."""
         from cskd_ray.data.transforms import normalize_batch
-        from cskd_ray.precision import autocast
 
         errors = [str(e) or None for e in batch["error"]]
         deferred = np.asarray(batch["deferred"], dtype=bool)
@@ -57,10 +55,9 @@ class ScoreActor:
         scores, dists = [None] * len(errors), [None] * len(errors)
         if ok.any():
             x = normalize_batch(batch["pixels"][ok], self.scorer.preprocess, self.device)
-            with self.torch.inference_mode(), autocast(self.device.type, self.precision):
-                out = self.model(x).float()
-            ok_scores = self.scorer.to_score(out).cpu().numpy().tolist()
-            ok_dists = out.cpu().numpy().tolist() if self.scorer.head["kind"] == "distribution" else None
+            ok_scores, ok_dists = self.scorer.predict(x, self.precision)
+            ok_scores = ok_scores.cpu().numpy().tolist()
+            ok_dists = ok_dists.cpu().numpy().tolist() if ok_dists is not None else None
             for j, i in enumerate(np.flatnonzero(ok)):
                 scores[i] = ok_scores[j]
                 dists[i] = ok_dists[j] if ok_dists is not None else None
@@ -91,14 +88,17 @@ class LabelResult:
         return self.new_rows / self.seconds if self.seconds else 0.0
 
 
-def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -> LabelResult:
-    """Score the inputs not yet in ``cfg.output`` with the model at ``cfg.model``. Ray must be initialised."""
+def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] | None = None) -> LabelResult:
+    """Score the inputs not yet in ``cfg.output`` with the model at ``cfg.model``. Ray must be initialised.
+
+    The pass shared by ``label`` and ``score``: one row per input URI, a rerun scores only what is
+    missing, and the same content under several URIs is scored once. ``stage`` names the progress lines.
+    """
     progress = progress or logger.info
     start = time.perf_counter()
     description = describe_scoring_model(cfg.model)  # fails fast before any image is read
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
-    spec = description["preprocess"]
-    preprocess = PreprocessSpec.from_dict(spec)
+    preprocess = PreprocessSpec.from_dict(description["preprocess"])
     model_id = scoring_model_id(cfg.model, description)
     table = ResultTable(cfg.output, LABEL_SCHEMA)
     table.ensure_meta({"model": model_id, "weights": model_id, "model_key": model_id, "head": description["head"],
@@ -106,8 +106,8 @@ def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -
     done = table.read(["uri", "sha256"])
     done_uris = set(done.column("uri").to_pylist())
     pending = [u for u in uris if u not in done_uris]
-    progress(f"label: {len(uris)} inputs, {len(uris) - len(pending)} already labeled, {len(pending)} to do")
-    writer = ShardWriter(table, "label", cfg.shard_rows, len(pending), progress)
+    progress(f"{stage}: {len(uris)} inputs, {len(uris) - len(pending)} already scored, {len(pending)} to do")
+    writer = ShardWriter(table, stage, cfg.shard_rows, len(pending), progress)
     known = sorted({d for d in done.column("sha256").to_pylist() if d})
     actor_kwargs = {"model_dir": cfg.model, "precision": cfg.precision, "torch_threads": cfg.torch_threads,
                     "actors": cfg.concurrency}
@@ -115,6 +115,11 @@ def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -
                              PipelineOptions.from_config(cfg), writer)
     return LabelResult(cfg.output, len(uris), len(uris) - len(pending), writer.rows, reused, writer.errors,
                        time.perf_counter() - start, model_id)
+
+
+def run_label(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -> LabelResult:
+    """Phase 2b: pseudo-label the inputs not yet in ``cfg.output``. Ray must be initialised."""
+    return score_missing(cfg, "label", progress)
 
 
 def result_dict(result: LabelResult) -> dict:

@@ -32,6 +32,7 @@ class PipelineOptions:
     num_cpus_per_actor: float
     num_gpus_per_actor: float | None
     max_pixels: int
+    object_store_mb: int
 
     @classmethod
     def from_config(cls, cfg: Any) -> PipelineOptions:
@@ -109,7 +110,10 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
     registry = ray.remote(num_cpus=0)(ContentRegistry).remote()
     for start in range(0, len(known), 100_000):
         ray.get(registry.add.remote(known[start:start + 100_000]))
-    block_rows = max(options.decode_batch_size, min(1024, len(pending) // 8 or 1))
+    # A read/decode task turns one block of URIs into 3·S² bytes per image: cap a block's decoded output at
+    # about 32 MiB (and the object store at ``object_store_mb``) so memory does not grow with the collection.
+    max_rows = max(1, (32 << 20) // (3 * preprocess.image_size**2))
+    block_rows = max(options.decode_batch_size, min(max_rows, len(pending) // 8 or 1))
     ds = _uri_blocks(pa.table({"uri": pa.array(pending, pa.string())}), block_rows)
     ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
                         num_cpus=options.decode_num_cpus,
@@ -121,6 +125,8 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
         compute=ray.data.ActorPoolStrategy(size=options.concurrency), num_cpus=options.num_cpus_per_actor,
         num_gpus=gpus,
     )
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=options.object_store_mb << 20)
     deferred: list[tuple[str, str]] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         is_deferred = batch.column("deferred")

@@ -1,0 +1,173 @@
+"""Bulk scoring (``cskd-ray score``): any collection through a trained or exported model, with a summary.
+
+The pass is the label stage's (:func:`cskd_ray.labeling.score_missing`): streaming Ray Data with read and
+decode tasks on CPUs overlapping batched model actors (GPU when present), memory bounded by small blocks
+and an object-store limit, one row per input URI (``uri, sha256, score, distribution, model, error``)
+in write-once Parquet shards, and a rerun that scores only what is missing.
+
+Around it this module adds, at the end of every run:
+
+- a **summary** of the output table, printed and saved as ``OUTPUT/_runs/<time>-<id>.json``: images in,
+  scored, errors by kind (the error message up to its first ``:``), images/s of this run, and a
+  histogram of scores over the head's scale ``[lo, hi]`` (1..K for distribution heads, the label range for
+  scalar heads; scores outside are counted in the end bins), 10 equal bins;
+- with ``min_score = t``, a **manifest** ``OUTPUT/_manifests/min_score-<t>.csv`` (``uri,score``, sorted by
+  URI, one line per URI with score ≥ t), rewritten from the whole table on every run, so it always
+  matches the output and can be fed back as an input manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from cskd_ray import storage
+from cskd_ray.config import ConfigError, ScoreConfig, dump_config, load_config
+from cskd_ray.feature_cache import ResultTable
+from cskd_ray.labeling import LABEL_SCHEMA, result_dict, score_missing
+from cskd_ray.models.saved import describe_scoring_model, scoring_model_id, verified_export_file
+
+HISTOGRAM_BINS = 10
+FLAGS = {"model": "--model", "batch_size": "--batch-size", "concurrency": "--concurrency",
+         "num_gpus_per_actor": "--num-gpus-per-actor", "min_score": "--min-score", "input": "--input",
+         "output": "--output"}
+
+
+def score_scale(head: dict) -> tuple[float, float]:
+    """The range ``[lo, hi]`` of a head's scores: ``[1, K]`` for K-bin distributions, the label range for scalars."""
+    if head["kind"] == "distribution":
+        return 1.0, float(head["bins"])
+    return float(head["low"]), float(head["high"])
+
+
+def error_kind(message: str) -> str:
+    """The kind of an error row: its message up to the first ``:`` (``read error``, ``not an image``, ...)."""
+    return message.split(":", 1)[0].strip()
+
+
+def summarize_table(table: pa.Table, head: dict) -> dict:
+    """Counts, errors by kind and the score histogram of a score table (columns ``score`` and ``error``)."""
+    scores = table.filter(pc.is_valid(table.column("score"))).column("score").to_numpy()
+    kinds = Counter(error_kind(e) for e in table.filter(pc.is_valid(table.column("error"))).column("error").to_pylist())
+    lo, hi = score_scale(head)
+    counts, edges = np.histogram(np.clip(scores, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi))
+    stats = {}
+    if len(scores):
+        stats = {"mean": float(scores.mean()), "min": float(scores.min()), "max": float(scores.max())}
+    return {"rows": len(table), "scored": len(scores), "errors": sum(kinds.values()),
+            "errors_by_kind": dict(sorted(kinds.items())), "score": stats,
+            "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}}
+
+
+def text_histogram(histogram: dict, width: int = 40) -> str:
+    """The histogram as text lines: ``lo–hi | ####  count``."""
+    counts, edges = histogram["counts"], histogram["edges"]
+    top = max(counts) or 1
+    return "\n".join(f"  {edges[i]:6.2f}–{edges[i + 1]:<6.2f} | {'#' * round(width * c / top):<{width}} {c}"
+                     for i, c in enumerate(counts))
+
+
+def manifest_uri(output: str, threshold: float) -> str:
+    """Where the manifest of images with score ≥ ``threshold`` goes."""
+    return storage.join(output, "_manifests", f"min_score-{threshold:g}.csv")
+
+
+def write_min_score_manifest(table: pa.Table, output: str, threshold: float) -> tuple[str, int]:
+    """Rewrite the manifest of ``uri, score`` with score ≥ ``threshold`` (sorted, one line per URI)."""
+    kept = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), threshold), False))
+    kept = kept.select(["uri", "score"]).group_by("uri").aggregate([("score", "max")]).rename_columns(["uri", "score"])
+    kept = kept.sort_by("uri")
+    sink = io.BytesIO()
+    pacsv.write_csv(kept, sink)
+    uri = manifest_uri(output, threshold)
+    storage.write_bytes_once(uri, sink.getvalue(), overwrite=True)
+    return uri, len(kept)
+
+
+def run_score(cfg: ScoreConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Score what is missing in ``cfg.output``, then summarise the table and write the manifest.
+
+    Ray must be initialised. Returns the summary (also saved under ``OUTPUT/_runs/``).
+    """
+    result = score_missing(cfg, "score", progress)
+    head = describe_scoring_model(cfg.model)["head"]
+    table = ResultTable(cfg.output, LABEL_SCHEMA).read(["uri", "score", "error"])
+    summary = {"output": cfg.output, "model": result.model, "images_in": result.inputs,
+               "run": result_dict(result), "table": summarize_table(table, head), "min_score": cfg.min_score}
+    if cfg.min_score is not None:
+        summary["manifest"], summary["manifest_rows"] = write_min_score_manifest(table, cfg.output, cfg.min_score)
+    record = {**summary, "config": cfg.model_dump(mode="json"), "config_yaml": dump_config(cfg)}
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+    summary["summary_json"] = storage.join(cfg.output, "_runs", name)
+    storage.write_text_once(summary["summary_json"], json.dumps(record, indent=2))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as the lines ``cskd-ray score`` prints."""
+    run, table = summary["run"], summary["table"]
+    kinds = ", ".join(f"{k} {v}" for k, v in table["errors_by_kind"].items()) or "none"
+    lines = [f"score: {summary['images_in']} images in, {run['already_done']} already scored, {run['new_rows']} new "
+             f"rows ({run['reused']} copied by content) in {run['seconds']:.1f} s, {run['images_per_s']:.1f} img/s",
+             f"score: output holds {table['rows']} rows: {table['scored']} scored, {table['errors']} errors ({kinds})"]
+    if table["score"]:
+        stats = table["score"]
+        lines.append(f"score: mean {stats['mean']:.3f}, min {stats['min']:.3f}, max {stats['max']:.3f}; histogram:")
+        lines.append(text_histogram(table["histogram"]))
+    if summary.get("manifest"):
+        lines.append(f"score: {summary['manifest_rows']} images with score >= {summary['min_score']:g} listed in "
+                     f"{summary['manifest']}")
+    lines.append(f"score: table at {summary['output']} (model {summary['model']}); summary at "
+                 f"{summary['summary_json']}")
+    return "\n".join(lines)
+
+
+def _flag_error(exc: ConfigError) -> ConfigError:
+    """Name the command-line flag instead of the config key in an error about a flag's value."""
+    match = re.match(r"<defaults>: (\w+): (.*)$", str(exc))
+    if match and match.group(1) in FLAGS:
+        return ConfigError(f"{FLAGS[match.group(1)]}: {match.group(2)}")
+    return ConfigError(str(exc).removeprefix("<defaults>: "))
+
+
+def run_score_command(model: str, input_uris: list[str], output: str, config: str | None = None,
+                      overrides: list[str] | None = None, printer: Callable[[str], None] = print) -> dict:
+    """Validate everything, start (or join) Ray, score, print and return the summary.
+
+    Args:
+        model: A model folder written by teacher / distill, or an export folder.
+        input_uris: Folders, prefixes, globs or manifests (local or s3://).
+        output: The score table (local folder or s3:// prefix).
+        config: Optional YAML with more score keys (``shard_rows``, ``object_store_mb``, ...).
+        overrides: ``key=value`` overrides, applied after ``config``.
+        printer: Receives progress and summary lines.
+    """
+    from cskd_ray.runtime import init_ray
+
+    try:
+        cfg = load_config("score", config, [*(overrides or []), f"model={model}"], input_uris=input_uris,
+                          output_uri=output)
+    except ConfigError as exc:
+        raise _flag_error(exc) from None
+    from cskd_ray.preflight import check_stage
+
+    check_stage("score", cfg)  # URI schemes and the output folder, before Ray starts; then the model:
+    description = describe_scoring_model(cfg.model)
+    if "format" in description:
+        verified_export_file(cfg.model, description)
+    model_id = scoring_model_id(cfg.model, description)
+    ResultTable(cfg.output, LABEL_SCHEMA).check_meta({"model": model_id, "weights": model_id, "model_key": model_id})
+    init_ray()
+    summary = run_score(cfg, progress=lambda line: printer(line))
+    printer(format_summary(summary))
+    return summary

@@ -1,0 +1,8 @@
+"""Entry point for ``ray job submit -- python jobs/score.py --model M --input URI [URI ...] --output URI [...]``."""
+
+import sys
+
+from cskd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["score", *sys.argv[1:]]))
