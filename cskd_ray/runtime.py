@@ -8,6 +8,13 @@ import sys
 
 logger = logging.getLogger(__name__)
 
+# A custom resource for the driver of each Tune trial (it only builds and waits on a TorchTrainer), so a trial
+# holds no CPU of its own (RAY_NOTES: a trial on a whole CPU next to its Train workers deadlocks 2-core machines).
+# A cluster declares it on its head node (ray start --resources='{"trial_driver": 1000}'); without it, a trial
+# driver takes 0.01 CPU instead.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+TRIAL_DRIVER_SLOTS = 1000  # 0.01 per trial: 100 000 trials at once is no limit
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
@@ -30,6 +37,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus or os.cpu_count() or 1,
+        resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
         include_dashboard=True,  # Ray Train/Tune clean up placement groups through it (Ray issue 54305)
         dashboard_host="127.0.0.1",
         log_to_driver=True,

@@ -24,13 +24,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server: str) -> Iterator[None]:
-    """One local Ray for the whole session: 2 logical CPUs, bound to 127.0.0.1, no dashboard.
+    """One local Ray for the whole session: 2 logical CPUs, bound to 127.0.0.1, dashboard on 127.0.0.1.
 
-    It starts after the S3 server so that its workers inherit the endpoint and test credentials.
+    It starts after the S3 server so that its workers inherit the endpoint and test credentials. It declares
+    the Tune trial-driver resource as ``init_ray`` does, and runs the dashboard (on loopback) because Ray
+    only frees the placement group of a trial that ASHA stopped through it (Ray issue 54305); it costs no
+    measurable start-up time here.
     """
     import ray
 
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+    from cskd_ray.runtime import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
+
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
              log_to_driver=False, configure_logging=False)
     try:
         from ray.data import DataContext

@@ -8,9 +8,11 @@ clip, step, report, checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,24 @@ from cskd_ray.precision import autocast
 from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, unwrap
 
 TaskFactory = Callable[[dict], nn.Module]
+
+# Ray Train callbacks that build_trainer adds to every trainer built in the current context (a trial of a
+# Tune sweep adds Tune's TuneReportCallback this way, so the stages need no Tune-specific argument).
+_RUN_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("cskd_run_callbacks", default=())
+
+
+@contextlib.contextmanager
+def extra_run_callbacks(callbacks: list[Any]) -> Iterator[None]:
+    """Within this block, trainers made by :func:`build_trainer` also run ``callbacks`` (``ray.train.UserCallback``).
+
+    The setting is per thread / task context (a ``ContextVar``), so concurrent trials in one process do not
+    see each other's callbacks.
+    """
+    token = _RUN_CALLBACKS.set((*_RUN_CALLBACKS.get(), *callbacks))
+    try:
+        yield
+    finally:
+        _RUN_CALLBACKS.reset(token)
 
 
 def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +190,7 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=trainer.max_failures),
+            callbacks=list(_RUN_CALLBACKS.get()) or None,
         ),
         datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
         dataset_config=_data_config(DataConfig, trainer.deterministic),

@@ -1,0 +1,144 @@
+"""Ray Tune sweeps of a training stage (align, teacher or distill) over any of its config keys.
+
+Each trial is the Train V2 pattern for tuning a ``TorchTrainer``: a small driver function, holding only a
+tiny custom resource, builds the trial's stage config (base config + sampled values, ``output`` =
+``EXPERIMENT/trials/<trial_id>``) and runs the real stage; the stage's trainer carries Tune's
+``TuneReportCallback`` (added through :func:`cskd_ray.train.common.extra_run_callbacks`), so every
+checkpoint report (validation ``val_srcc`` for teacher/distill, ``cosine`` for align) reaches Tune and its
+scheduler. ASHA (asynchronous successive halving, arXiv 1810.05934) promotes a trial past rung
+r_k = grace_period · η^k reports only while its metric is in the top 1/η of the trials recorded at that
+rung (η = ``reduction_factor``); the others stop early.
+
+Outputs in the experiment folder: ``trials.parquet`` and ``trials.csv`` (one row per trial: sampled
+values, best and last metric, reports, epochs, steps, stopped early, status, error), ``best_config.yaml``
+(the best trial's full stage config, ready for ``cskd-ray <stage>``), ``tune_config.yaml`` (this sweep)
+and ``tune/`` (Tune's state, which ``--resume`` restores without rerunning finished trials).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cskd_ray import storage
+from cskd_ray.config import ConfigError, StrictModel, TuneConfig, dump_config
+from cskd_ray.runtime import TRIAL_DRIVER_RESOURCE
+from cskd_ray.tune_results import TRIALS_DIR, TuneResult, format_top, trial_rows, write_outputs
+from cskd_ray.tune_space import TunePlan, param_space, plan_tune, trial_config
+
+__all__ = ["plan_tune", "run_tune", "TuneResult", "TunePlan"]
+EXPERIMENT_DIR = "tune"
+
+
+def run_stage(stage: str, cfg: StrictModel) -> Any:
+    """Run one training stage with its config (the stages' own driver functions)."""
+    if stage == "align":
+        from cskd_ray.train.align import run_align as run
+    elif stage == "teacher":
+        from cskd_ray.train.supervise import run_teacher as run
+    else:
+        from cskd_ray.train.distill import run_distill as run
+    return run(cfg)
+
+
+def _run_trial(params: dict, stage: str, base: dict, experiment: str) -> None:
+    """Tune trial driver: the stage config for the sampled ``params``, run with Tune's report callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cskd_ray.train.common import extra_run_callbacks
+
+    output = storage.join(experiment, TRIALS_DIR, tune.get_context().get_trial_id())
+    cfg = trial_config(stage, base, params, output)
+    storage.write_text_once(storage.join(output, "resolved_config.yaml"), dump_config(cfg), overwrite=True)
+    with extra_run_callbacks([TuneReportCallback()]):
+        run_stage(stage, cfg)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def max_concurrent_trials(plan: TunePlan) -> int:
+    """Trials that fit at once: ⌊CPUs / (workers × cpus_per_worker + data_cpus_per_trial)⌋, also bounded by GPUs."""
+    import ray
+
+    if plan.cfg.max_concurrent:
+        return plan.cfg.max_concurrent
+    resources = ray.cluster_resources()
+    cpus, workers = plan.trial_resources
+    fit = math.floor(resources.get("CPU", 1.0) / (cpus + plan.cfg.data_cpus_per_trial) + 1e-9)
+    use_gpu = plan.base["train"]["use_gpu"]
+    if use_gpu or (use_gpu is None and resources.get("GPU", 0) > 0):
+        fit = min(fit, math.floor(resources.get("GPU", 0) / workers + 1e-9))
+    return max(1, fit)
+
+
+def driver_resources() -> dict[str, float]:
+    """The trial driver's resources: a sliver of the custom resource when the cluster declares it, else of a CPU."""
+    import ray
+
+    return {TRIAL_DRIVER_RESOURCE: 0.01} if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE) else {"CPU": 0.01}
+
+
+def run_tune(cfg: TuneConfig, resume: bool = False, callbacks: list[Any] | None = None,
+             say: Callable[[str], None] = print) -> TuneResult:
+    """Run (or, with ``resume``, continue) the sweep; write the trials table and the best config.
+
+    Args:
+        cfg: The sweep.
+        resume: Continue the sweep in ``cfg.output`` (finished trials are kept, unfinished and errored
+            ones run again from their latest checkpoint); without it an existing sweep there is an error.
+        callbacks: Extra ``ray.tune.Callback`` objects (progress hooks).
+        say: Where progress lines go.
+
+    Raises:
+        ConfigError: Bad config (see :func:`plan_tune`), or a sweep already in ``cfg.output`` without ``resume``.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    start = time.perf_counter()
+    plan = plan_tune(cfg)
+    fs, root = storage.resolve(cfg.output)
+    fs = fs if storage.is_remote(cfg.output) else None
+    experiment = f"{root}/{EXPERIMENT_DIR}"
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, stage=cfg.stage, base=plan.base, experiment=cfg.output), driver_resources())
+    exists = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+    if exists and not resume:
+        raise ConfigError(f"output {cfg.output}: already holds a sweep; pass --resume to continue it, or choose "
+                          "another --output")
+    storage.write_text_once(storage.join(cfg.output, "tune_config.yaml"), dump_config(cfg), overwrite=True)
+    if exists:
+        say(f"tune: resuming the sweep in {cfg.output} (finished trials are kept)")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        concurrent = max_concurrent_trials(plan)
+        say(f"tune: {cfg.stage} sweep over {', '.join(cfg.search)}; {cfg.num_samples} sample(s), up to {concurrent} "
+            f"trial(s) at once, scheduler {cfg.scheduler.kind}, metric {plan.metric} ({cfg.mode})")
+        sched = cfg.scheduler
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sched.max_t, grace_period=sched.grace_period,
+                                  reduction_factor=sched.reduction_factor) if sched.kind == "asha" else FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cfg.search),
+            tune_config=tune.TuneConfig(
+                metric=plan.metric, mode=cfg.mode, scheduler=scheduler, num_samples=cfg.num_samples,
+                search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.seed),
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=root, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks,
+                                      verbose=1))
+    grid = tuner.fit()
+    rows = trial_rows(grid, plan)
+    best = rows[0] if rows and not math.isnan(rows[0][plan.metric]) else None
+    best_path = write_outputs(plan, rows, best)
+    result = TuneResult(cfg.output, rows, plan.metric, best, best_path, exists, time.perf_counter() - start)
+    say(format_top(result, cfg.top_k))
+    return result
+
+
