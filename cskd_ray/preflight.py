@@ -99,7 +99,8 @@ def _check_encoder(cfg: Any) -> None:
     aligned = getattr(cfg, "aligned", None)
     if aligned:
         if not storage.exists(storage.join(aligned, "model.json")):
-            raise ConfigError(f"aligned {aligned}: not a model folder (no model.json); pass align's output/model")
+            raise ConfigError(f"aligned {aligned}: not a model folder (no model.json); run `align` first and pass "
+                              "its output/model")
         return
     import timm
 
@@ -155,10 +156,12 @@ def check_stage(stage: str, cfg: Any) -> None:
                 raise ConfigError(f"pseudo_labels {cfg.pseudo_labels}: not a pseudo-label table; run `label` first")
             if cfg.feat_weight > 0 and not cfg.features:
                 raise ConfigError("features: feat_weight > 0 needs `features`, the unlabeled images' feature cache")
-            _check_exists("features", cfg.features, "feature cache")
+            if cfg.features and not storage.exists(cfg.features):
+                raise ConfigError(f"features {cfg.features}: no such feature cache; run `features` first")
     elif stage == "label":
         if not storage.exists(storage.join(cfg.model, "model.json")):  # cheap, before importing torch
-            raise ConfigError(f"model {cfg.model}: not a model folder (no model.json); pass teacher's output/model")
+            raise ConfigError(f"model {cfg.model}: not a model folder (no model.json); run `teacher` first and "
+                              "pass its output/model")
         from cskd_ray.models.saved import describe_scoring_model
 
         describe_scoring_model(cfg.model)

@@ -78,4 +78,5 @@ def test_label_cli_rejects_a_folder_that_is_not_a_model(tmp_path: Path, capsys) 
                    "--set", f"model={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
-    assert err == [f"error: {tmp_path}: not a model folder (no model.json); pass teacher's output/model"]
+    assert err == [f"error: model {tmp_path}: not a model folder (no model.json); run `teacher` first and pass its "
+                   "output/model"]

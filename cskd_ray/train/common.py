@@ -181,7 +181,8 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
         train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
                            "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None},
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": trainer.cpus_per_worker}),
+                                     resources_per_worker={"CPU": trainer.cpus_per_worker},
+                                     placement_strategy=trainer.placement_strategy),
         run_config=RunConfig(
             name="train", storage_path=path, storage_filesystem=fs if storage.is_remote(output) else None,
             checkpoint_config=CheckpointConfig(
