@@ -74,8 +74,9 @@ class ResultTable:
         if not shards:
             return self.schema.empty_table().select(columns or self.schema.names)
         fs, _ = storage.resolve(self.uri)
-        dataset = pads.dataset([storage.resolve(s)[1] for s in shards], filesystem=fs, format="parquet")
-        return dataset.to_table(columns=columns, filter=filter_expr)
+        paths = [storage.resolve(s)[1] for s in shards]
+        return storage.retry_io(lambda: pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+            columns=columns, filter=filter_expr), self.uri)
 
     def lookup(self, digests: set[str]) -> pa.Table:
         """One row per digest found in the cache: a row with a feature when there is one, else its error row."""

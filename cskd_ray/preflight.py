@@ -133,7 +133,7 @@ def check_stage(stage: str, cfg: Any) -> None:
     """
     check_uri_schemes(cfg)
     check_output(cfg.output)
-    if stage in ("features", "label"):
+    if stage in ("features", "label", "score"):
         _check_sources(cfg)
     if stage == "features":
         _check_clip(cfg)

@@ -5,6 +5,16 @@ region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials come from the s
 (environment, shared credentials file, instance profile) inside pyarrow. Nothing here reads
 credentials from config files of this project or logs them.
 
+Object storage fails now and then (503 SlowDown under load, dropped connections). Every S3 call made
+through :func:`s3_filesystem` (our reads and writes, Ray Data's Parquet reads, Ray Train's checkpoint
+uploads) is retried by the AWS SDK's standard retry strategy: up to ``CSKD_S3_MAX_ATTEMPTS`` attempts
+(default 10) with exponential backoff and jitter, on throttling, 5xx and network errors. With a fault
+rate p per request, a call fails only when all attempts do: p^10 ≈ 1e-7 at p = 20%. Some failures
+happen after the SDK has accepted a response (a body cut mid-stream: ``INTERNAL_FAILURE ... Failed to
+flush response stream``) and are not retried by it; :func:`retry_io` repeats our whole operation on
+those (``CSKD_S3_OP_ATTEMPTS``, default 4, backoff 0.2 s · 2^k), the way Ray Data's ``retried_io_errors``
+does for its own reads.
+
 Outputs are written atomically and at most once: :func:`write_bytes_once` writes to a temporary name
 and renames it into place on local disks, and relies on S3's all-or-nothing ``PutObject`` /
 multipart completion on object storage, so a reader never sees half a file.
@@ -14,10 +24,13 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +39,13 @@ import pyarrow.fs as pafs
 
 S3_SCHEMES = ("s3", "s3a")
 GLOB_CHARS = "*?["
+DEFAULT_S3_MAX_ATTEMPTS = 10
+DEFAULT_S3_OP_ATTEMPTS = 4
+# Messages of transient object-storage failures (as pyarrow words them), retried by retry_io.
+TRANSIENT_ERRORS = ("INTERNAL_FAILURE", "NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "THROTTLING",
+                    "REQUEST_TIMEOUT", "HTTP status 5", "Failed to flush response stream")
+
+logger = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -50,20 +70,74 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def _attempts_from_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        attempts = int(raw)
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise StorageError(f"{name}={raw!r}: expected a whole number >= 1 (default {default})")
+    return attempts
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 call (``CSKD_S3_MAX_ATTEMPTS``, default 10); a malformed value is an error."""
+    return _attempts_from_env("CSKD_S3_MAX_ATTEMPTS", DEFAULT_S3_MAX_ATTEMPTS)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with our retry strategy, also after pickling.
+
+    pyarrow leaves ``retry_strategy`` out of an ``S3FileSystem``'s pickled state, so a copy sent to a Ray
+    worker (Ray Train's checkpoint uploads, Ray Data's readers) would fall back to 3 attempts. This
+    subclass pickles as the arguments that build it.
+    """
+
+    def __init__(self, endpoint: str | None, region: str, max_attempts: int) -> None:
+        kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        super().__init__(**kwargs)
+        self.spec = (endpoint, region, max_attempts)
+
+    def __reduce__(self) -> tuple:
+        return (_s3_filesystem, self.spec)
+
+
+def retry_io(operation: Callable[[], object], uri: str) -> object:
+    """Run ``operation`` (an I/O call on ``uri``), repeating it on transient object-storage errors.
+
+    Local paths run it once. For ``s3://`` URIs an ``OSError`` whose message names a transient failure
+    (see ``TRANSIENT_ERRORS``) is retried up to ``CSKD_S3_OP_ATTEMPTS`` times in all (default 4) with
+    exponential backoff and jitter (0.2 s · 2^k · U(0.5, 1.5)); any other error is raised at once.
+    """
+    attempts = _attempts_from_env("CSKD_S3_OP_ATTEMPTS", DEFAULT_S3_OP_ATTEMPTS) if is_remote(uri) else 1
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except OSError as exc:
+            transient = not isinstance(exc, FileNotFoundError) and any(t in str(exc) for t in TRANSIENT_ERRORS)
+            if not transient or attempt + 1 == attempts:
+                raise
+            delay = 0.2 * 2**attempt * random.uniform(0.5, 1.5)
+            logger.warning("%s: transient storage error (attempt %d of %d, again in %.1f s): %s", uri, attempt + 1,
+                           attempts, delay, str(exc).splitlines()[0])
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs)
+def _s3_filesystem(endpoint: str | None, region: str, max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS) -> pafs.S3FileSystem:
+    return RetryingS3FileSystem(endpoint, region, max_attempts)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the environment (endpoint, region; credentials from AWS chain)."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(s3_endpoint(), region)
+    return _s3_filesystem(s3_endpoint(), region, s3_max_attempts())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -110,7 +184,7 @@ def exists(uri: str) -> bool:
 
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
-        return fs.get_file_info(path)
+        return retry_io(lambda: fs.get_file_info(path), uri)
     except OSError as exc:
         raise StorageError(f"{uri}: {exc}") from exc
 
@@ -154,7 +228,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[Fi
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: no such file, directory or prefix")
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = retry_io(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), uri)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot list: {exc}") from exc
     for found in sorted(infos, key=lambda i: i.path):
@@ -183,9 +257,13 @@ def _list_glob(uri: str, glob_at: int, suffixes: tuple[str, ...] | None) -> Iter
 def read_bytes(uri: str) -> bytes:
     """Read a whole object."""
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
+
+    try:
+        return retry_io(read, uri)
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: no such file") from exc
     except OSError as exc:
@@ -218,9 +296,13 @@ def write_bytes_once(uri: str, data: bytes, *, overwrite: bool = False) -> bool:
     if not overwrite and exists(uri):
         return False
     if is_remote(uri):
-        try:
+
+        def write() -> None:
             with fs.open_output_stream(path) as out:
                 out.write(data)
+
+        try:
+            retry_io(write, uri)
         except OSError as exc:
             raise StorageError(f"{uri}: cannot write: {exc}") from exc
         return True
