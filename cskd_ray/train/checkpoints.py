@@ -2,14 +2,28 @@
 
 A checkpoint directory holds ``model.safetensors`` (the module's state dict), ``optimizer.pt`` and
 ``scheduler.pt`` (state dicts of tensors and numbers, loaded with ``torch.load(weights_only=True)``),
-and ``state.json`` (step, epoch, metrics and the resolved config). Ray Train persists the directory to
-``storage_path`` and only registers it once the upload is complete, so a restarted run never picks a
-half-written checkpoint.
+and ``state.json`` (step, epoch, metrics and the resolved config), plus ``manifest.json``: the size and
+sha256 of every other file, written last. Ray Train persists the directory to ``storage_path`` and only
+registers it once the upload is complete, but a file can still be damaged later (a truncated copy, a bad
+disk, a half-finished manual sync). On every (re)start :func:`latest_valid_checkpoint` checks the
+checkpoint Ray hands to the workers against its manifest and, when it is damaged, warns naming it and
+falls back to the newest older checkpoint of the same run that verifies.
+
+How Ray Train V2 picks the checkpoint (ray 2.60, ``CheckpointManager``): a new ``fit()`` with the same
+``RunConfig(name, storage_path)`` reads ``checkpoint_manager_snapshot.json`` from the run folder, and after a
+worker failure the controller keeps its in-memory state; either way ``before_init_train_context`` gives
+every worker ``latest_checkpoint_result.checkpoint``, the last one *registered*, with no integrity check.
+So the check runs in the worker, and the fallback walks the ``checkpoint_*`` folders beside that one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +36,9 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +68,92 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
     payload = {"step": state.step, "epoch": state.epoch, "metrics": state.metrics or {}, "config": config}
     (directory / STATE_FILE).write_text(json.dumps(payload, indent=2))
+    write_manifest(directory)
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> None:
+    """Write ``manifest.json``: ``{"files": {relative path: {"size": bytes, "sha256": hex}}}`` of every file.
+
+    Call it last, after everything that goes into the checkpoint is written.
+    """
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """Check a checkpoint directory against its manifest; return None when intact, else what is wrong."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST_FILE}: {exc}"
+    if MODEL_FILE not in files or STATE_FILE not in files:
+        return f"{MANIFEST_FILE} lists neither {MODEL_FILE} nor {STATE_FILE}"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name}: {path.stat().st_size} bytes, manifest says {expected['size']} (truncated?)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name}: sha256 differs from the manifest (corrupted)"
+    return None
+
+
+def _older_siblings(checkpoint: Any) -> list[Any]:
+    """The run's other ``checkpoint_*`` folders older than ``checkpoint`` (Ray names them by time), newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted((posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory), reverse=True)
+    return [Checkpoint(posixpath.join(parent, n), checkpoint.filesystem)
+            for n in names if n.startswith("checkpoint_") and n < name]
+
+
+@contextlib.contextmanager
+def latest_valid_checkpoint(checkpoint: Any = None) -> Iterator[str | None]:
+    """In a Ray Train worker: a local directory of the newest intact checkpoint of this run, or None.
+
+    Starts from ``checkpoint`` (default: ``ray.train.get_checkpoint()``, the latest Ray registered). When
+    it fails :func:`verify_checkpoint`, a warning names it and why, and the older checkpoints beside it
+    are tried newest first; with none intact, training starts from scratch (also with a warning).
+    """
+    if checkpoint is None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    bad: list[str] = []
+    for candidate in [checkpoint, *_older_siblings(checkpoint)]:
+        with candidate.as_directory() as directory:
+            problem = verify_checkpoint(directory)
+            if problem is None:
+                if bad:
+                    logger.warning("resuming from the older checkpoint %s instead of the damaged %s",
+                                   candidate.path, ", ".join(bad))
+                yield directory
+                return
+        logger.warning("checkpoint %s is damaged: %s; trying the previous one", candidate.path, problem)
+        bad.append(candidate.path)
+    logger.warning("no intact checkpoint in %s (damaged: %s); training starts from step 0",
+                   posixpath.dirname(checkpoint.path), ", ".join(bad))
+    yield None
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

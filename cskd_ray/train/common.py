@@ -24,7 +24,7 @@ from cskd_ray.config import TrainerConfig
 from cskd_ray.data.decode import decode_image
 from cskd_ray.data.transforms import PreprocessSpec, resize_crop
 from cskd_ray.precision import autocast
-from cskd_ray.train.checkpoints import TrainState, load_checkpoint, save_checkpoint, unwrap
+from cskd_ray.train.checkpoints import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint, unwrap
 
 TaskFactory = Callable[[dict], nn.Module]
 
@@ -125,8 +125,8 @@ def train_worker_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision in ("auto", "fp16"))
     state = TrainState()
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as directory:
+    with latest_valid_checkpoint() as directory:  # verified against its manifest; damaged → the previous one
+        if directory is not None:
             state = load_checkpoint(directory, model, optimizer, scheduler)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
