@@ -25,6 +25,7 @@ from cskd_ray.data.decode import decode_image
 from cskd_ray.data.transforms import PreprocessSpec, resize_crop
 from cskd_ray.precision import autocast
 from cskd_ray.train.checkpoints import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from cskd_ray.train.history import TrainingHistory
 
 TaskFactory = Callable[[dict], nn.Module]
 
@@ -78,8 +79,12 @@ def _mean_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                config: dict, val_shard: Any, batch_size: int) -> None:
-    """Validate (when the stage has a ``val`` dataset), then save and report a checkpoint from rank 0."""
+                config: dict, val_shard: Any, batch_size: int, history: TrainingHistory) -> None:
+    """Validate (when the stage has a ``val`` dataset), then save and report a checkpoint from rank 0.
+
+    The history (with the validation metrics) is saved inside the checkpoint and, once the checkpoint is
+    reported, published to the stage's output (``metrics.jsonl``, TensorBoard events).
+    """
     import ray.train
     import ray.train.torch
 
@@ -88,15 +93,19 @@ def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Opti
         task.eval()
         with torch.no_grad():
             batches = val_shard.iter_torch_batches(batch_size=batch_size, device=ray.train.torch.get_device())
-            state.metrics = {**(state.metrics or {}), **task.validate(batches)}
+            validation = task.validate(batches)
+        state.metrics = {**(state.metrics or {}), **validation}
+        history.log(state.step, state.epoch, validation)
         task.train()
     payload = {**(state.metrics or {}), "step": state.step, "epoch": state.epoch}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
             save_checkpoint(directory, model, optimizer, scheduler, state, config)
+            history.save(directory)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(payload, checkpoint=checkpoint)
+    history.publish()
 
 
 def train_worker_loop(loop_config: dict) -> None:
@@ -125,9 +134,11 @@ def train_worker_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision in ("auto", "fp16"))
     state = TrainState()
+    history = TrainingHistory(loop_config.get("output"), enabled=ray.train.get_context().get_world_rank() == 0)
     with latest_valid_checkpoint() as directory:  # verified against its manifest; damaged → the previous one
         if directory is not None:
             state = load_checkpoint(directory, model, optimizer, scheduler)
+            history.restore(directory, state.step)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
     while state.step < stop_at:
@@ -154,11 +165,14 @@ def train_worker_loop(loop_config: dict) -> None:
             scheduler.step()
             state.step += 1
             state.metrics = {**_mean_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
+            history.log(state.step, state.epoch, state.metrics)
             last = state.step == stop_at
             epoch_end = index + 1 == steps_per_epoch and val_shard is not None
             if state.step % cfg.checkpoint_every == 0 or last or epoch_end:
-                _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], val_shard, cfg.batch_size)
+                _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], val_shard, cfg.batch_size,
+                            history)
         state.epoch += 1
+    history.close()
 
 
 def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,
@@ -179,7 +193,7 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
     return TorchTrainer(
         train_worker_loop,
         train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
-                           "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None},
+                           "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None, "output": output},
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": trainer.cpus_per_worker},
                                      placement_strategy=trainer.placement_strategy),
