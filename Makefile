@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint bench clean
+.PHONY: help setup browser demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml constraints.txt
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
+setup: $(STAMP) browser ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
+
+browser: ## Install Debian's chromium for the report's browser test (skipped when present or not root)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		echo "note: chromium not installed; the report's browser test will be skipped"
 
 demo: $(STAMP) ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
 	$(VENV)/bin/cskd-ray demo --workdir runs/demo
 
-test: $(STAMP) ## Run the test suite (CPU, local Ray, moto S3 on loopback)
+test: $(STAMP) browser ## Run the test suite (CPU, local Ray, moto S3 on loopback)
 	$(PY) -m pytest
 
 lint: $(STAMP) ## Check style with ruff

@@ -32,6 +32,7 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
     )
     from cskd_ray.data.demo import make_demo_data
     from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
+    from cskd_ray.report import write_report
 
     start = time.perf_counter()
     data_dir = Path(workdir) / "data"
@@ -82,6 +83,7 @@ def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config:
     storage.write_text_once(str(Path(workdir) / "summary.json"), json.dumps(summary, indent=2), overwrite=True)
     print(f"demo: done in {summary['total_seconds']:.1f} s; summary at {Path(workdir) / 'summary.json'}")
     print("demo: all models here are tiny and every CLIP weight is RANDOM (offline); see README 'Real CLIP weights'.")
+    print(f"demo: report (metrics, training curves, galleries) at {write_report(workdir).output}")
     return summary
 
 

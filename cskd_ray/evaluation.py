@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, load_config
@@ -24,6 +25,8 @@ from cskd_ray.data.labels import load_labels
 from cskd_ray.feature_cache import ResultTable
 from cskd_ray.labeling import LABEL_SCHEMA, run_label
 from cskd_ray.metrics import evaluate_scores
+
+PREDICTIONS_FILE = "predictions.parquet"  # uri, true_score, pred_score, error: one row per labeled image
 
 
 @dataclass
@@ -51,7 +54,11 @@ def _labels(request: EvaluationRequest) -> pa.Table:
 
 
 def evaluate_model(request: EvaluationRequest) -> dict[str, Any]:
-    """Score the labeled images with the model and compute the metrics; writes ``output/metrics.json``."""
+    """Score the labeled images with the model and compute the metrics.
+
+    Writes ``output/metrics.json`` and ``output/predictions.parquet`` (one row per labeled image: ``uri``,
+    ``true_score``, ``pred_score``, ``error``), which the run report plots.
+    """
     labels = _labels(request)
     manifest = storage.join(request.output, "_inputs.csv")
     sink = io.BytesIO()
@@ -83,6 +90,11 @@ def evaluate_model(request: EvaluationRequest) -> dict[str, Any]:
               "split": request.split, "threshold": threshold, "images": len(labels), "scored": len(ok),
               "errors": len(joined) - len(ok), **metrics}
     storage.write_text_once(storage.join(request.output, "metrics.json"), json.dumps(report, indent=2), overwrite=True)
+    predictions = joined.select(["uri", "score", "pred_score", "error"]).rename_columns(
+        ["uri", "true_score", "pred_score", "error"])
+    sink = io.BytesIO()
+    pq.write_table(predictions, sink)
+    storage.write_bytes_once(storage.join(request.output, PREDICTIONS_FILE), sink.getvalue(), overwrite=True)
     return report
 
 
