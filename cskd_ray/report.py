@@ -40,6 +40,7 @@ STAGE_METRICS = (("val_srcc", "val SRCC"), ("val_plcc", "val PLCC"), ("val_accur
 EVAL_METRICS = (("images", "images"), ("scored", "scored"), ("errors", "errors"), ("srcc", "SRCC"),
                 ("plcc", "PLCC"), ("accuracy", "accuracy"), ("emd", "EMD"))
 MAX_TRIAL_ROWS = 200
+MAX_CURVES = 12  # training-curve figures; a sweep's trials would otherwise add one each
 
 
 @dataclass
@@ -175,9 +176,12 @@ def metrics_section(c: RunContents) -> str | None:
 
 def curves_section(c: RunContents) -> str | None:
     """Loss terms, cosine, validation metrics and lr of every stage with a history."""
+    histories = [(folder, records) for folder, records in sorted(c.histories.items()) if records]
     plots = [_img(report_plots.training_curves(records, folder or "."), "image/png", f"training curves {folder}")
-             for folder, records in sorted(c.histories.items()) if records]
-    return "".join(f"<figure>{p}</figure>" for p in plots) or None
+             for folder, records in histories[:MAX_CURVES]]
+    left = [folder for folder, _ in histories[MAX_CURVES:]]
+    more = f"<p class='note'>not plotted: {html.escape(', '.join(left))}</p>" if left else ""
+    return "".join(f"<figure>{p}</figure>" for p in plots) + more or None
 
 
 def scatter_section(c: RunContents) -> str | None:
@@ -257,6 +261,9 @@ def trials_section(c: RunContents) -> str | None:
     """Ray Tune trials tables (``trials.csv`` / ``trials.parquet``), whatever their columns."""
     parts = []
     for rel in sorted(c.trials):
+        folder = posixpath.dirname(rel)
+        if rel.endswith(".csv") and posixpath.join(folder, "trials.parquet") in c.trials:
+            continue  # the same table, typed
         fs, path = storage.resolve(c.uri(rel))
         with fs.open_input_file(path) as source:
             table = pq.read_table(source) if rel.endswith(".parquet") else pacsv.read_csv(source)
@@ -264,6 +271,9 @@ def trials_section(c: RunContents) -> str | None:
         rows = [(str(i), list(row.values())) for i, row in enumerate(shown)]
         more = f"<p class='note'>first {MAX_TRIAL_ROWS} of {len(table)} trials</p>" if len(table) > len(shown) else ""
         parts.append(f"<h3>{html.escape(rel)}</h3>" + _table(table.column_names, rows, "trials") + more)
+        if (best := posixpath.join(folder, "best_config.yaml")) in c.files:
+            parts.append(f"<details><summary>{html.escape(best)}</summary><pre>"
+                         f"{html.escape(storage.read_text(c.uri(best)))}</pre></details>")
     return "".join(parts) or None
 
 
