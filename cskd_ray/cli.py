@@ -316,8 +316,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config("tune", args.config, args.overrides, input_uris=args.input, output_uri=args.output)
     plan_tune(cfg)  # every user error in the sweep or its base config surfaces here, before Ray starts
     init_ray()
-    run_tune(cfg, resume=args.resume, say=lambda line: print(line, flush=True))
-    return 0
+    result = run_tune(cfg, resume=args.resume, say=lambda line: print(line, flush=True))
+    return 1 if any(row["status"] == "unfinished" for row in result.rows) else 0  # interrupted: --resume
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, StrictModel, TuneConfig, dump_config
 from cskd_ray.runtime import TRIAL_DRIVER_RESOURCE
@@ -83,6 +85,23 @@ def driver_resources() -> dict[str, float]:
     return {TRIAL_DRIVER_RESOURCE: 0.01} if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE) else {"CPU": 0.01}
 
 
+def _check_same_sweep(cfg: TuneConfig) -> None:
+    """A resumed sweep must be the one that was started (Tune keeps its trials and search space).
+
+    Raises:
+        ConfigError: Naming the keys that differ from the saved ``tune_config.yaml``.
+    """
+    uri = storage.join(cfg.output, "tune_config.yaml")
+    if not storage.exists(uri):
+        return
+    saved, current = yaml.safe_load(storage.read_text(uri)), cfg.model_dump(mode="json")
+    changed = [key for key in ("stage", "config", "set", "input", "search", "metric", "mode", "scheduler",
+                               "num_samples", "seed") if saved.get(key) != current.get(key)]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} differ from the sweep in {cfg.output} ({uri}); resume it "
+                          "with its own config, or start a new sweep with another --output")
+
+
 def run_tune(cfg: TuneConfig, resume: bool = False, callbacks: list[Any] | None = None,
              say: Callable[[str], None] = print) -> TuneResult:
     """Run (or, with ``resume``, continue) the sweep; write the trials table and the best config.
@@ -112,6 +131,8 @@ def run_tune(cfg: TuneConfig, resume: bool = False, callbacks: list[Any] | None 
     if exists and not resume:
         raise ConfigError(f"output {cfg.output}: already holds a sweep; pass --resume to continue it, or choose "
                           "another --output")
+    if exists:
+        _check_same_sweep(cfg)
     storage.write_text_once(storage.join(cfg.output, "tune_config.yaml"), dump_config(cfg), overwrite=True)
     if exists:
         say(f"tune: resuming the sweep in {cfg.output} (finished trials are kept)")

@@ -41,26 +41,40 @@ def _sort_key(metric: str, mode: str) -> Callable[[dict], tuple]:
     return key
 
 
+def _status(trial: Any, result: Any, last: dict) -> str:
+    """``finished``, ``stopped`` (early, by the scheduler), ``error`` or ``unfinished`` (interrupted or not started)."""
+    if result.error is not None:
+        return "error"
+    state = getattr(trial, "status", None)  # Tune's trial status, when the grid exposes its trials
+    if state not in (None, "TERMINATED"):
+        return "unfinished"
+    if last.get("done"):
+        return "finished"
+    return "stopped" if last.get("training_iteration") else "unfinished"
+
+
 def trial_rows(grid: Any, plan: TunePlan) -> list[dict]:
     """One row per trial, best first: sampled values, best/last metric, reports, epochs, steps, status."""
+    trials = list(getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [])
     rows = []
-    for result in grid:
+    for index, result in enumerate(grid):
+        trial = trials[index] if len(trials) == len(grid) else None
         last = result.metrics or {}
+        config = getattr(trial, "config", None) or result.config or {}
         history = result.metrics_dataframe
         values = history[plan.metric].dropna() if history is not None and plan.metric in history else []
         best = (values.max() if plan.cfg.mode == "max" else values.min()) if len(values) else math.nan
-        finished = bool(last.get("done")) and result.error is None
+        trial_id = getattr(trial, "trial_id", None) or last.get("trial_id") or result.path.rstrip("/").rsplit("/")[-1]
+        status = _status(trial, result, last)
         rows.append({
-            "trial_id": last.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
-            **{key: result.config.get(key) for key in plan.cfg.search},
+            "trial_id": trial_id, **{key: config.get(key) for key in plan.cfg.search},
             plan.metric: float(best), f"last_{plan.metric}": float(last.get(plan.metric, math.nan)),
             "reports": int(last.get("training_iteration", 0)),
             "epochs": int(last["epoch"]) + 1 if "epoch" in last else 0, "steps": int(last.get("step", 0)),
-            "stopped_early": not finished and result.error is None and bool(last),
-            "status": "error" if result.error is not None else ("finished" if finished else "stopped"),
+            "stopped_early": status == "stopped", "status": status,
             "error": str(result.error).splitlines()[0] if result.error is not None else None,
             "seconds": float(last.get("time_total_s", 0.0)),
-            "output": storage.join(plan.cfg.output, TRIALS_DIR, last.get("trial_id", "")),
+            "output": storage.join(plan.cfg.output, TRIALS_DIR, trial_id),
         })
     return sorted(rows, key=_sort_key(plan.metric, plan.cfg.mode))
 
@@ -116,10 +130,14 @@ def format_top(result: TuneResult, k: int) -> str:
                       str(row["reports"]), row["status"]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
-    stopped = sum(r["status"] == "stopped" for r in result.rows)
-    errors = sum(r["status"] == "error" for r in result.rows)
-    summary = (f"tune: {len(result.rows)} trials ({stopped} stopped early, {errors} errors) in {result.seconds:.0f} s; "
-               f"top {min(k, len(result.rows))} by {result.metric}:")
+    count = {status: sum(r["status"] == status for r in result.rows) for status in ("stopped", "error", "unfinished")}
+    summary = (f"tune: {len(result.rows)} trials ({count['stopped']} stopped early, {count['error']} errors, "
+               f"{count['unfinished']} unfinished) in {result.seconds:.0f} s; top {min(k, len(result.rows))} by "
+               f"{result.metric}:")
     where = f"tune: table at {storage.join(result.output, TABLE)}.parquet/.csv"
     where += f"; best config at {result.best_config}" if result.best_config else "; no trial reported the metric"
-    return "\n".join([summary, table, where])
+    lines = [summary, table, where]
+    if count["unfinished"]:
+        lines.append(f"tune: {count['unfinished']} trial(s) did not finish (interrupted); rerun with --resume to "
+                     "finish them")
+    return "\n".join(lines)

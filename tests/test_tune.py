@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
+from ray._private.services import find_gcs_addresses
 
 from cskd_ray import cli
 from cskd_ray.config import ConfigError, load_config
@@ -128,6 +130,9 @@ def test_distill_sweep_writes_table_and_a_best_config_that_runs(ray_session, dem
     assert sorted(p for p in (sweep / "trials").rglob("checkpoint_*")) == checkpoints
     assert stamps == [(sweep / "trials" / row["trial_id"] / "model" / "model.safetensors").stat().st_mtime_ns
                       for row in table]
+    changed = load_config("tune", tmp_path / "tune.yaml", ["search.kd_weight.grid=[1.0]"])
+    with pytest.raises(ConfigError, match=r"--resume: search differ from the sweep in"):
+        run_tune(changed, resume=True)
 
 
 @pytest.mark.ray
@@ -149,7 +154,11 @@ def test_asha_stops_a_trial_whose_lr_cannot_learn(ray_session, feature_cache: Pa
     assert rows[1.0e-9]["stopped_early"] and rows[1.0e-9]["reports"] == 3
     assert rows[1.0e-2]["cosine"] > rows[1.0e-9]["cosine"]
     assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["train"]["lr"] == 1.0e-2
-    # the stopped trial's Train placement group is freed (through the dashboard, Ray issue 54305)
+    # the stopped trial's Train placement group is freed (through the dashboard, Ray issue 54305); Ray's
+    # cleaner finds the dashboard by scanning for local Ray instances, which fails when several run here
+    if len(find_gcs_addresses()) > 1:
+        warnings.warn("other Ray instances run on this machine: placement-group cleanup not checked", stacklevel=1)
+        return
     deadline = time.monotonic() + 60
     while _live_placement_groups() and time.monotonic() < deadline:
         time.sleep(1)
