@@ -36,6 +36,7 @@ lint: $(STAMP) ## Check style with ruff
 bench: $(STAMP) ## Run the benchmarks (ratios measured side by side; see docs/benchmarks.md)
 	$(PY) benchmarks/bench_features.py --extra-images 768
 	$(PY) benchmarks/bench_align.py
+	$(PY) benchmarks/bench_score.py
 
 clean: ## Remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
