@@ -1,0 +1,153 @@
+"""Training under faults: a damaged latest checkpoint, a Train worker killed with SIGKILL mid-run.
+
+All runs use the tiny align set-up of tests/test_align.py with ordered ingest (``train.deterministic``), so a
+run that recovers correctly ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from cskd_ray.config import load_config
+from cskd_ray.features import run_features
+from cskd_ray.train.align import run_align
+from cskd_ray.train.checkpoints import MANIFEST_FILE, MODEL_FILE, STATE_FILE, verify_checkpoint, write_manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+STEPS = 8  # 60 images // 16 = 3 steps per epoch, 3 epochs, capped at 8
+
+
+@pytest.fixture(scope="module")
+def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("train-faults") / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
+                      input_uris=[str(demo_data / "images")], output_uri=out)
+    run_features(cfg)
+    return out
+
+
+def _align(cache: str, output: Path, *overrides: str):
+    base = ["train.batch_size=16", "train.epochs=3", f"train.max_steps={STEPS}", "train.warmup_steps=1",
+            "train.checkpoint_every=2", "train.shuffle=false", "train.deterministic=true", "train.lr=0.01",
+            "decode_batch_size=8", "train.keep_checkpoints=3"]
+    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
+                      input_uris=[cache], output_uri=str(output))
+    return run_align(cfg)
+
+
+@pytest.fixture(scope="module")
+def straight(feature_cache: str, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted run: the reference for every recovered run."""
+    output = tmp_path_factory.mktemp("straight")
+    return _align(feature_cache, output), load_file(str(output / "model" / MODEL_FILE))
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    return sorted(p for p in (output / "train").glob("checkpoint_*") if (p / MANIFEST_FILE).exists())
+
+
+def _worker_logs() -> str:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return "\n".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.suffix in (".out", ".err"))
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key in want:  # CPU, fixed seed, ordered ingest: equal up to float rounding
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_manifest_detects_truncation_corruption_and_a_missing_manifest(tmp_path: Path) -> None:
+    from cskd_ray.train.checkpoints import TrainState, save_checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    save_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), None, TrainState(step=2), {})
+    assert verify_checkpoint(tmp_path) is None
+    weights = tmp_path / MODEL_FILE
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    assert "truncated" in verify_checkpoint(tmp_path)
+    weights.write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))  # same size, one byte flipped
+    assert "sha256 differs" in verify_checkpoint(tmp_path)
+    weights.write_bytes(intact)
+    (tmp_path / "extra.json").write_text("{}")
+    write_manifest(tmp_path)  # files added after save_checkpoint are covered by a second manifest
+    assert verify_checkpoint(tmp_path) is None
+    (tmp_path / "extra.json").write_text("{ }")
+    assert "extra.json" in verify_checkpoint(tmp_path)
+    (tmp_path / MANIFEST_FILE).unlink()
+    assert verify_checkpoint(tmp_path) == f"no {MANIFEST_FILE}"
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(feature_cache: str, straight, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    first = _align(feature_cache, output, "train.max_steps=4")  # checkpoints at steps 2 and 4, as if killed after 4
+    assert first.steps == 4
+    older, latest = _checkpoints(output)[-2:]
+    assert '"step": 4' in (latest / STATE_FILE).read_text() and '"step": 2' in (older / STATE_FILE).read_text()
+    weights = latest / MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
+    resumed = _align(feature_cache, output)
+    assert resumed.steps == STEPS
+    logs = _worker_logs()
+    assert f"checkpoint {latest} is damaged: {MODEL_FILE}" in logs, "the warning names the damaged checkpoint"
+    assert f"resuming from the older checkpoint {older}" in logs
+    _assert_same_weights(load_file(str(output / "model" / MODEL_FILE)), straight[1])
+
+
+def _train_worker_pids() -> set[int]:
+    """Pids of this Ray node's Train worker processes (children of our raylet, not other sessions')."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    pids = set()
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_killed_train_worker_resumes_from_the_latest_checkpoint(feature_cache: str, straight, tmp_path: Path) -> None:
+    """SIGKILL the Train worker right after its first checkpoint; FailureConfig restarts it from the checkpoint.
+
+    Tolerance: weights within rtol 1e-4 / atol 1e-5 of the uninterrupted run, and the final loss within 1e-4
+    (ordered ingest and seeded CPU maths make the recovered run repeat the same steps).
+    """
+    output = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if _checkpoints(output) and (pids := _train_worker_pids()):
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(pids)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = _align(feature_cache, output, "train.max_failures=1")
+    watcher.join(timeout=5)
+    assert killed, "the worker was killed mid-run"
+    states = [(p / STATE_FILE).read_text() for p in _checkpoints(output)]
+    assert any(f'"step": {STEPS}' in s for s in states) and result.steps == STEPS
+    assert abs(result.metrics["loss"] - straight[0].metrics["loss"]) <= 1e-4
+    _assert_same_weights(load_file(str(output / "model" / MODEL_FILE)), straight[1])
