@@ -30,18 +30,37 @@ STEPS = 8  # 60 images // 16 = 3 steps per epoch, 3 epochs, capped at 8
 @pytest.fixture(scope="module")
 def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("train-faults") / "features")
-    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
-                      input_uris=[str(demo_data / "images")], output_uri=out)
+    cfg = load_config(
+        "features",
+        REPO / "jobs" / "configs" / "demo" / "features.yaml",
+        ["batch_size=32"],
+        input_uris=[str(demo_data / "images")],
+        output_uri=out,
+    )
     run_features(cfg)
     return out
 
 
 def _align(cache: str, output: Path, *overrides: str):
-    base = ["train.batch_size=16", "train.epochs=3", f"train.max_steps={STEPS}", "train.warmup_steps=1",
-            "train.checkpoint_every=2", "train.shuffle=false", "train.deterministic=true", "train.lr=0.01",
-            "decode_batch_size=8", "train.keep_checkpoints=3"]
-    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
-                      input_uris=[cache], output_uri=str(output))
+    base = [
+        "train.batch_size=16",
+        "train.epochs=3",
+        f"train.max_steps={STEPS}",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=2",
+        "train.shuffle=false",
+        "train.deterministic=true",
+        "train.lr=0.01",
+        "decode_batch_size=8",
+        "train.keep_checkpoints=3",
+    ]
+    cfg = load_config(
+        "align",
+        REPO / "jobs" / "configs" / "demo" / "align.yaml",
+        [*base, *overrides],
+        input_uris=[cache],
+        output_uri=str(output),
+    )
     return run_align(cfg)
 
 
