@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, upload_dir
+from conftest import REPO
 from safetensors.torch import save_file
 
 from cskd_ray import storage
@@ -127,15 +127,20 @@ def test_local_scoring_summary_manifest_and_resume_after_lost_shards(ray_session
 @pytest.mark.s3
 def test_s3_inputs_with_corrupt_files_score_to_s3(ray_session, demo_data: Path, model_dir: Path,
                                                   s3_bucket: str) -> None:
-    upload_dir(demo_data / "images", f"{s3_bucket}/photos")
+    files = sorted((demo_data / "images").iterdir())
+    corrupt = [p for p in files if not decode_image(p.read_bytes()).ok]
+    for path in [*corrupt, *[p for p in files if p not in corrupt][:12]]:  # 12 good + 4 corrupt objects
+        storage.write_bytes_once(f"{s3_bucket}/photos/{path.name}", path.read_bytes())
     out = f"{s3_bucket}/scores"
     summary = run_score_command(str(model_dir), [f"{s3_bucket}/photos/"], out, None, ["min_score=1.0"],
                                 printer=lambda line: None)
-    assert summary["images_in"] == 64 and summary["table"]["scored"] == 60 and summary["table"]["errors"] == 4
+    assert summary["images_in"] == 16 and summary["table"]["scored"] == 12 and summary["table"]["errors"] == 4
     table = _table(out)
-    assert len(table) == 64 and all(u.startswith(f"{s3_bucket}/photos/") for u in table.column("uri").to_pylist())
-    assert len(_manifest(summary["manifest"])) == 60 and summary["summary_json"].startswith(f"{out}/_runs/")
-    assert json.loads(storage.read_text(summary["summary_json"]))["table"]["rows"] == 64
+    assert len(table) == 16 and all(u.startswith(f"{s3_bucket}/photos/") for u in table.column("uri").to_pylist())
+    assert len(_manifest(summary["manifest"])) == 12 and summary["summary_json"].startswith(f"{out}/_runs/")
+    assert json.loads(storage.read_text(summary["summary_json"]))["table"]["rows"] == 16
+    again = run_score_command(str(model_dir), [f"{s3_bucket}/photos/"], out, None, [], printer=lambda line: None)
+    assert again["run"]["new_rows"] == 0 and len(_table(out)) == 16
 
 
 @pytest.mark.parametrize(
