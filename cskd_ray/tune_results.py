@@ -41,14 +41,18 @@ def _sort_key(metric: str, mode: str) -> Callable[[dict], tuple]:
     return key
 
 
-def _status(trial: Any, result: Any, last: dict) -> str:
-    """``finished``, ``stopped`` (early, by the scheduler), ``error`` or ``unfinished`` (interrupted or not started)."""
+def _status(trial: Any, result: Any, last: dict, output: str) -> str:
+    """``finished``, ``stopped`` (early, by the scheduler), ``error`` or ``unfinished`` (interrupted or not started).
+
+    A trial finished when its stage exported its model (``output/model/model.json``): Tune's ``done`` flag
+    is not always in the state a resumed sweep restores.
+    """
     if result.error is not None:
         return "error"
     state = getattr(trial, "status", None)  # Tune's trial status, when the grid exposes its trials
     if state not in (None, "TERMINATED"):
         return "unfinished"
-    if last.get("done"):
+    if storage.exists(storage.join(output, "model", "model.json")):
         return "finished"
     return "stopped" if last.get("training_iteration") else "unfinished"
 
@@ -65,7 +69,8 @@ def trial_rows(grid: Any, plan: TunePlan) -> list[dict]:
         values = history[plan.metric].dropna() if history is not None and plan.metric in history else []
         best = (values.max() if plan.cfg.mode == "max" else values.min()) if len(values) else math.nan
         trial_id = getattr(trial, "trial_id", None) or last.get("trial_id") or result.path.rstrip("/").rsplit("/")[-1]
-        status = _status(trial, result, last)
+        output = storage.join(plan.cfg.output, TRIALS_DIR, trial_id)
+        status = _status(trial, result, last, output)
         rows.append({
             "trial_id": trial_id, **{key: config.get(key) for key in plan.cfg.search},
             plan.metric: float(best), f"last_{plan.metric}": float(last.get(plan.metric, math.nan)),
@@ -74,7 +79,7 @@ def trial_rows(grid: Any, plan: TunePlan) -> list[dict]:
             "stopped_early": status == "stopped", "status": status,
             "error": str(result.error).splitlines()[0] if result.error is not None else None,
             "seconds": float(last.get("time_total_s", 0.0)),
-            "output": storage.join(plan.cfg.output, TRIALS_DIR, trial_id),
+            "output": output,
         })
     return sorted(rows, key=_sort_key(plan.metric, plan.cfg.mode))
 

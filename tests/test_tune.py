@@ -127,6 +127,7 @@ def test_distill_sweep_writes_table_and_a_best_config_that_runs(ray_session, dem
               for row in table]
     resumed = run_tune(cfg, resume=True)
     assert resumed.resumed and [r["trial_id"] for r in resumed.rows] == [r["trial_id"] for r in table]
+    assert all(r["status"] == "finished" for r in resumed.rows)
     assert sorted(p for p in (sweep / "trials").rglob("checkpoint_*")) == checkpoints
     assert stamps == [(sweep / "trials" / row["trial_id"] / "model" / "model.safetensors").stat().st_mtime_ns
                       for row in table]
