@@ -161,7 +161,8 @@ def test_smooth_l1_tokens_refuses_pooled_caches_and_mismatched_grids(feature_cac
 def test_token_features_need_a_vit_clip(demo_data: Path, tmp_path: Path) -> None:
     from cskd_ray.features import plan_features
 
-    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["clip.name=RN50", "tokens=true"],
-                      input_uris=[str(demo_data / "images")], output_uri=str(tmp_path / "f"))
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["clip.name=RN50", "tokens=true"], input_uris=[str(demo_data / "images")],
+                      output_uri=str(tmp_path / "f"))
     with pytest.raises(ConfigError, match=r"tokens: true needs a ViT CLIP.*'RN50' has none"):
         plan_features(cfg)
