@@ -46,7 +46,7 @@ def _actor_nodes(address: str, class_name: str) -> list[str]:
     other Rays on the machine, the state API cannot pick one by itself)."""
     from ray.util.state import list_actors
 
-    return [
+    return [  # an actor Ray Data created but never placed (no node) does not count
         actor.node_id
         for actor in list_actors(
             address=address,
@@ -56,13 +56,18 @@ def _actor_nodes(address: str, class_name: str) -> list[str]:
             detail=True,
             raise_on_missing_output=False,
         )
+        if actor.node_id
     ]
 
 
 def _node_args() -> dict:
-    """One node: 1 CPU, its own object store and agent port (the default port may be held by another Ray here)."""
+    """One node: 1 CPU, its own object store and agent port (the default port may be held by another Ray here).
+
+    No ``node_ip_address``: a driver's ``ray.init`` turns 127.0.0.1 into the machine's own address (Ray 2.60,
+    ``resolve_ip_for_localhost``) and then never finds nodes registered as 127.0.0.1; ``ray start`` does the
+    same. The traffic stays on this machine either way.
+    """
     return {
-        "node_ip_address": "127.0.0.1",
         "num_cpus": 1,
         "object_store_memory": 100 << 20,
         "dashboard_agent_listen_port": _free_port(),
