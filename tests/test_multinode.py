@@ -125,6 +125,11 @@ def run_cluster(work: Path) -> dict:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         cluster.wait_for_nodes()
+        from ray.data import DataContext
+
+        # A pool of 2 starts work as soon as one actor is ready; on 40 images the other may never be placed.
+        # Wait for both (each on its own node), as a cluster of many nodes would have them.
+        DataContext.get_current().wait_for_min_actors_s = 600
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         report: dict = {
             "nodes": nodes,
