@@ -24,7 +24,14 @@ from cskd_ray.config import TrainerConfig
 from cskd_ray.data.decode import decode_image
 from cskd_ray.data.transforms import PreprocessSpec, resize_crop
 from cskd_ray.precision import autocast
-from cskd_ray.train.checkpoints import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from cskd_ray.train.checkpoints import (
+    TrainState,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+    write_manifest,
+)
 from cskd_ray.train.history import TrainingHistory
 
 TaskFactory = Callable[[dict], nn.Module]
@@ -103,6 +110,7 @@ def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Opti
         if ray.train.get_context().get_world_rank() == 0:
             save_checkpoint(directory, model, optimizer, scheduler, state, config)
             history.save(directory)
+            write_manifest(directory)  # last: checksums of everything in the checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(payload, checkpoint=checkpoint)
     history.publish()
