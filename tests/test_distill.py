@@ -190,3 +190,13 @@ def test_distill_needs_a_pseudo_label_table(ray_session, demo_data: Path, tmp_pa
                       input_uris=[str(demo_data / "AVA.txt")], output_uri=str(tmp_path / "student"))
     with pytest.raises(ConfigError, match=r"not a pseudo-label table; run `label` first"):
         run_distill(cfg)
+
+
+def test_labels_only_student_trains_on_labeled_rows_only(demo_data: Path, tmp_path: Path) -> None:
+    from cskd_ray.train.distill import uses_unlabeled
+
+    off = ["kd_weight=0", "feat_weight=0"]
+    assert not uses_unlabeled(_stage(demo_data, tmp_path, *off))
+    assert uses_unlabeled(_stage(demo_data, tmp_path, "kd_weight=0.1", "feat_weight=0"))
+    assert uses_unlabeled(_stage(demo_data, tmp_path, *off, "extra_teachers=[{kind: timm, name: test_vit}]"))
+    assert not uses_unlabeled(_stage(demo_data, tmp_path, *off, "extra_teachers=[{kind: timm, name: x, weight: 0}]"))

@@ -189,6 +189,12 @@ def check_teachers(cfg: DistillConfig, head: HeadSpec) -> None:
             raise ConfigError(f"extra_teachers.{index}.name: {exc}") from exc
 
 
+def uses_unlabeled(cfg: DistillConfig) -> bool:
+    """Whether any term of the loss reads the unlabeled rows (λ_kd, λ_feat, λ_cons or an extra teacher)."""
+    return bool(cfg.kd_weight or cfg.feat_weight or cfg.consistency_weight
+                or any(t.weight for t in cfg.extra_teachers))
+
+
 def run_distill(cfg: DistillConfig) -> TeacherResult:
     """Train (or resume) the student; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
     import ray
@@ -203,7 +209,10 @@ def run_distill(cfg: DistillConfig) -> TeacherResult:
                         "distribution": train.column("distribution"),
                         "labeled": pa.array(np.ones(len(train), dtype=bool)),
                         "feature": pa.nulls(len(train), pa.list_(pa.float32()))})
-    mixed = pa.concat_tables([labeled, unlabeled.cast(labeled.schema)])
+    if uses_unlabeled(cfg):
+        mixed = pa.concat_tables([labeled, unlabeled.cast(labeled.schema)])
+    else:  # every unlabeled term is off: a labels-only student, with batches of labeled rows only
+        mixed = labeled
     mixed = mixed.take(pa.array(np.random.default_rng(cfg.train.seed).permutation(len(mixed))))
     block = max(cfg.decode_batch_size, 64)
     train_ds = ray.data.from_arrow([mixed.slice(i, block) for i in range(0, len(mixed), block)]).map_batches(
