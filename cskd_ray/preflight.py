@@ -156,7 +156,7 @@ def check_stage(stage: str, cfg: Any) -> None:
                 raise ConfigError(f"pseudo_labels {cfg.pseudo_labels}: not a pseudo-label table; run `label` first")
             if cfg.feat_weight > 0 and not cfg.features:
                 raise ConfigError("features: feat_weight > 0 needs `features`, the unlabeled images' feature cache")
-            if cfg.features and not storage.exists(cfg.features):
+            if cfg.feat_weight > 0 and not storage.exists(cfg.features):  # only the feature term reads it
                 raise ConfigError(f"features {cfg.features}: no such feature cache; run `features` first")
     elif stage == "label":
         if not storage.exists(storage.join(cfg.model, "model.json")):  # cheap, before importing torch

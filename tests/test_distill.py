@@ -200,3 +200,15 @@ def test_labels_only_student_trains_on_labeled_rows_only(demo_data: Path, tmp_pa
     assert uses_unlabeled(_stage(demo_data, tmp_path, "kd_weight=0.1", "feat_weight=0"))
     assert uses_unlabeled(_stage(demo_data, tmp_path, *off, "extra_teachers=[{kind: timm, name: test_vit}]"))
     assert not uses_unlabeled(_stage(demo_data, tmp_path, *off, "extra_teachers=[{kind: timm, name: x, weight: 0}]"))
+
+
+def test_preflight_reads_the_feature_cache_only_when_the_feature_term_is_on(demo_data: Path, tmp_path: Path) -> None:
+    from cskd_ray.preflight import check_stage
+
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    (pseudo / "_meta.json").write_text("{}")
+    missing = [f"pseudo_labels={pseudo}", f"features={tmp_path / 'no-cache'}"]
+    check_stage("distill", _stage(demo_data, tmp_path / "out", *missing, "feat_weight=0"))  # a best_config.yaml case
+    with pytest.raises(ConfigError, match=r"no such feature cache; run `features` first"):
+        check_stage("distill", _stage(demo_data, tmp_path / "out", *missing, "feat_weight=0.5"))
