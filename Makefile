@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser demo test lint bench clean
+.PHONY: help setup browser demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 setup: $(STAMP) browser ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
 
@@ -27,8 +27,11 @@ browser: ## Install Debian's chromium for the report's browser test (skipped whe
 demo: $(STAMP) ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
 	$(VENV)/bin/cskd-ray demo --workdir runs/demo
 
-test: $(STAMP) browser ## Run the test suite (CPU, local Ray, moto S3 on loopback)
+test: $(STAMP) browser ## Run the whole test suite, as CI does (CPU, local Ray, moto S3 on loopback)
 	$(PY) -m pytest
+
+test-fast: $(STAMP) ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP) ## Check style with ruff
 	$(VENV)/bin/ruff check .

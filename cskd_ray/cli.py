@@ -24,6 +24,18 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+def package_version() -> str:
+    """The installed distribution's version, or ``cskd_ray.__version__`` when running from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cskd_ray")
+    except PackageNotFoundError:
+        from cskd_ray import __version__
+
+        return __version__
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean a user mistake; modules never imported cannot have raised theirs."""
     errors: list[type[BaseException]] = [ConfigError, storage.StorageError, FileNotFoundError]
@@ -46,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cskd-ray`` (also used by ``jobs/*.py``)."""
     parser = argparse.ArgumentParser(prog="cskd-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="generate demo data and run the pipeline on a local Ray")
@@ -77,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = sub.add_parser("pipeline", help="every stage in order as one job, complete stages skipped")
     _add_stage_args(pipeline)
 
-    evaluate = sub.add_parser("evaluate", help="SRCC / PLCC / accuracy / EMD of a model on labeled images")
+    evaluate = sub.add_parser("evaluate", help="SRCC / KRCC / PLCC / accuracy / EMD of a model on labeled images")
     evaluate.add_argument("--model", required=True, help="model folder (teacher's output/model)")
     evaluate.add_argument("--labels", required=True, metavar="FMT:PATH", help="e.g. ava:AVA.txt or tad66k:test.csv")
     evaluate.add_argument("--images", default=None, metavar="ROOT", help="folder or s3:// prefix of the images")
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--config", default=None, help="optional YAML with more score keys (shard_rows, ...)")
     score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a score config key, repeatable")
+
+    predict = sub.add_parser("predict", help="score a few images in this process (no Ray): path<TAB>score a line")
+    predict.add_argument("model", metavar="MODEL", help="model folder (teacher/distill output/model) or export folder")
+    predict.add_argument("images", nargs="+", metavar="IMG",
+                         help="image files, folders, globs or URIs (local or s3://); - reads one a line from stdin")
+    predict.add_argument("--json", action="store_true", help="one JSON object a line, with the distribution")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    predict.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
     export = sub.add_parser("export", help="export a scoring model to ONNX or TorchScript, verified against PyTorch")
     export.add_argument("--model", required=True, help="model folder (teacher/distill output/model)")
@@ -332,6 +353,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``cskd-ray predict MODEL IMG ...``: see :func:`cskd_ray.predict.run_predict_command`."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    from cskd_ray.predict import run_predict_command
+
+    return run_predict_command(_absolute(args.model), args.images, args.json, sys.stdin, sys.stdout, sys.stderr,
+                               batch_size=args.batch_size, device=args.device)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``cskd-ray export --model M --format onnx|torchscript --output PATH``: see :mod:`cskd_ray.export`."""
     from cskd_ray.export import ExportVerificationError, export_model
@@ -385,7 +416,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
             "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "distill": cmd_distill,
             "evaluate": cmd_evaluate, "diagnose": cmd_diagnose, "pipeline": cmd_pipeline,
-            "score": cmd_score, "export": cmd_export,
+            "score": cmd_score, "predict": cmd_predict, "export": cmd_export,
             "list-models": cmd_list_models, "report": cmd_report, "tune": cmd_tune}
 
 

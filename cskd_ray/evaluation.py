@@ -1,9 +1,11 @@
-"""``cskd-ray evaluate``: score a labeled split with a model and report SRCC, PLCC, accuracy and EMD.
+"""``cskd-ray evaluate``: score a labeled split with a model and report SRCC, KRCC, PLCC, accuracy and EMD.
 
 The images are scored by the same Ray Data pass as ``label`` (into ``output/scores``, so a rerun scores
-only what is missing), then joined with the labels on ``uri``. Metrics (:mod:`cskd_ray.metrics`): SRCC
-and PLCC (scipy-equal), binary accuracy with "good" meaning score > threshold (5 for 10-bin AVA labels,
-else the midpoint of the label range) and EMD with r = 1 when both sides have distributions.
+only what is missing), then joined with the labels on ``uri``. Metrics (:mod:`cskd_ray.metrics`): SRCC,
+KRCC (tau-b) and PLCC (scipy-equal), PLCC after the VQEG 5-parameter logistic fit (``plcc_logistic``;
+``plcc_logistic_fitted`` is False when the fit failed and it is the plain PLCC), binary accuracy with
+"good" meaning score > threshold (5 for 10-bin AVA labels, else the midpoint of the label range) and EMD
+with r = 1 when both sides have distributions.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def evaluate_model(request: EvaluationRequest) -> dict[str, Any]:
     metrics = evaluate_scores(
         ok.column("pred_score").to_numpy(), target, threshold,
         np.asarray(ok.column("pred_distribution").to_pylist()) if has_dist else None,
-        np.asarray(target_dist.to_pylist()) if has_dist else None,
+        np.asarray(target_dist.to_pylist()) if has_dist else None, extended=True,
     )
     report = {"model": request.model, "model_id": label_run.model, "labels": request.labels_path,
               "split": request.split, "threshold": threshold, "images": len(labels), "scored": len(ok),
@@ -101,9 +103,10 @@ def evaluate_model(request: EvaluationRequest) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     """The metrics as a small aligned text table."""
     rows = [("images", report["images"]), ("scored", report["scored"]), ("errors", report["errors"]),
-            ("SRCC", report["srcc"]), ("PLCC", report["plcc"]), (f"accuracy (> {report['threshold']:g})",
-                                                                   report["accuracy"]),
-            ("EMD (r=1)", report["emd"])]
+            ("SRCC", report["srcc"]), ("KRCC", report.get("krcc")), ("PLCC", report["plcc"]),
+            ("PLCC (logistic)" if report.get("plcc_logistic_fitted", True) else "PLCC (logistic fit failed)",
+             report.get("plcc_logistic")),
+            (f"accuracy (> {report['threshold']:g})", report["accuracy"]), ("EMD (r=1)", report["emd"])]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for name, value in rows:

@@ -1,17 +1,20 @@
 """Evaluation metrics for aesthetics assessment and ViT attention diagnostics.
 
-Score metrics (:func:`srcc`, :func:`plcc`, :func:`accuracy`, :func:`emd`, :func:`evaluate_scores`) accept
-numpy arrays, lists or torch tensors and return Python floats. Attention diagnostics
+Score metrics (:func:`srcc`, :func:`krcc`, :func:`plcc`, :func:`plcc_logistic`, :func:`accuracy`, :func:`emd`,
+:func:`evaluate_scores`) accept numpy arrays, lists or torch tensors and return Python floats. Attention diagnostics
 (:func:`attention_distance`, :func:`attention_entropy`) take torch tensors and return one value per head.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import curve_fit
 from scipy.stats import rankdata
 from torch import Tensor
 
@@ -21,7 +24,11 @@ __all__ = [
     "attention_entropy",
     "emd",
     "evaluate_scores",
+    "fit_logistic",
+    "krcc",
+    "LogisticFit",
     "plcc",
+    "plcc_logistic",
     "srcc",
 ]
 
@@ -91,6 +98,187 @@ def srcc(pred: Any, target: Any) -> float:
     return _pearson(rankdata(p), rankdata(t))
 
 
+def _tied_pairs(sorted_values: np.ndarray) -> int:
+    """Number of pairs with equal values in a sorted 1-D array: Σ_groups t(t − 1)/2."""
+    if sorted_values.size == 0:
+        return 0
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1], True])
+    counts = np.diff(starts)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def _strict_inversions(y: np.ndarray) -> int:
+    """Pairs i < j with y_i > y_j (y: non-negative integer ranks), by bottom-up merge sort in numpy.
+
+    At each level the array is sorted within blocks of ``width``; giving every pair of blocks its own key
+    range (``value + block · big``) lets one global ``searchsorted`` count, for each right-half element,
+    the left-half elements of its pair that are larger. O(N log² N), no Python loop over elements.
+    """
+    n = y.size
+    a = y.astype(np.int64)
+    big = int(a.max(initial=0)) + 1
+    index = np.arange(n, dtype=np.int64)
+    inversions, width = 0, 1
+    while width < n:
+        block = index // (2 * width)
+        key = a + block * big
+        right = (index // width) % 2 == 1
+        left_keys, right_keys = key[~right], key[right]
+        left_end = np.searchsorted(left_keys, (block[right] + 1) * big, side="left")
+        inversions += int((left_end - np.searchsorted(left_keys, right_keys, side="right")).sum())
+        a = np.sort(key) - block * big  # blocks are contiguous and in order, so sorting keys sorts within blocks
+        width *= 2
+    return inversions
+
+
+def krcc(pred: Any, target: Any) -> float:
+    """Kendall rank correlation coefficient, tau-b (same value as ``scipy.stats.kendalltau``).
+
+    Over the ``n₀ = N(N − 1)/2`` pairs, with ``n_c`` concordant and ``n_d`` discordant pairs,
+    ``n₁ = Σ_i t_i(t_i − 1)/2`` over groups of ties in x and ``n₂`` the same in y:
+    ``KRCC = (n_c − n_d) / sqrt((n₀ − n₁)(n₀ − n₂))``. Computed in O(N log² N).
+
+    Args:
+        pred: Predicted scores, shape (N,) (flattened).
+        target: Ground-truth scores, shape (N,).
+
+    Returns:
+        The correlation in [−1, 1]; ``nan`` (without warnings) when N < 2, either input is constant or
+        holds a nan.
+
+    Raises:
+        ValueError: If the lengths differ.
+    """
+    x, y = _paired_1d("krcc", pred, target)
+    if x.size < 2 or np.isnan(x).any() or np.isnan(y).any() or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    x, y = rankdata(x, method="dense").astype(np.int64), rankdata(y, method="dense").astype(np.int64)
+    order = np.lexsort((y, x))  # by x, ties in x by y: a pair tied in x is never counted as discordant
+    x, y = x[order], y[order]
+    total = x.size * (x.size - 1) // 2
+    x_ties, y_ties = _tied_pairs(x), _tied_pairs(np.sort(y))
+    joint = np.flatnonzero(np.r_[True, (x[1:] != x[:-1]) | (y[1:] != y[:-1]), True])
+    joint_counts = np.diff(joint)
+    both_ties = int((joint_counts * (joint_counts - 1) // 2).sum())
+    discordant = _strict_inversions(y)
+    concordant_minus_discordant = total - x_ties - y_ties + both_ties - 2 * discordant
+    tau = concordant_minus_discordant / math.sqrt(total - x_ties) / math.sqrt(total - y_ties)
+    return max(-1.0, min(1.0, float(tau)))
+
+
+def logistic_5(x: np.ndarray, b1: float, b2: float, b3: float, b4: float, b5: float) -> np.ndarray:
+    """VQEG 5-parameter logistic: ``f(x) = b1 (1/2 − 1/(1 + exp(b2 (x − b3)))) + b4 x + b5``."""
+    with np.errstate(over="ignore"):
+        return b1 * (0.5 - 1.0 / (1.0 + np.exp(b2 * (x - b3)))) + b4 * x + b5
+
+
+def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """VQEG 4-parameter logistic: ``f(x) = (b1 − b2) / (1 + exp(−(x − b3)/|b4|)) + b2``."""
+    with np.errstate(over="ignore"):
+        return (b1 - b2) / (1.0 + np.exp(-(x - b3) / max(abs(b4), 1e-12))) + b2
+
+
+@dataclass(frozen=True)
+class LogisticFit:
+    """The result of :func:`fit_logistic`.
+
+    Attributes:
+        plcc: PLCC between the mapped predictions and the targets (plain PLCC when the fit failed).
+        fitted: Whether the fit converged; False means ``plcc`` is the plain PLCC.
+        params: The fitted (b1, …, b5) or (b1, …, b4), empty when the fit failed.
+        reason: Why the fit failed, empty when it did not.
+    """
+
+    plcc: float
+    fitted: bool
+    params: tuple[float, ...] = ()
+    reason: str = ""
+
+
+def _start_and_bounds(x: np.ndarray, y: np.ndarray, params: int) -> tuple[list[float], tuple[list, list]]:
+    """Start values and bounds from the data's own scale, so the fit does not depend on the score range.
+
+    The bounds keep the fit from drifting along the family's degenerate direction (for 5 parameters:
+    b1 → ∞, b2 → 0 is a straight line), where Levenberg–Marquardt often stops without converging.
+    """
+    sign = 1.0 if _pearson(x, y) >= 0 else -1.0
+    spread, y_range, inf = float(np.std(x)), float(np.ptp(y)), np.inf
+    x_lo, x_hi = float(np.min(x)), float(np.max(x))
+    if params == 5:  # logistic part spans b1 over about ±2/b2 around b3; the linear part starts flat
+        start = [sign * y_range, 1.0 / spread, float(np.mean(x)), 0.0, float(np.mean(y))]
+        return start, ([-4 * y_range, 0.0, x_lo, -inf, -inf], [4 * y_range, 20.0 / spread, x_hi, inf, inf])
+    y_lo, y_hi = float(np.min(y)), float(np.max(y))
+    upper, lower = (y_hi, y_lo) if sign > 0 else (y_lo, y_hi)
+    level = ([y_lo - 2 * y_range] * 2, [y_hi + 2 * y_range] * 2)
+    return [upper, lower, float(np.mean(x)), spread / 4], ([*level[0], x_lo, spread / 20], [*level[1], x_hi, inf])
+
+
+def fit_logistic(pred: Any, target: Any, params: int = 5) -> LogisticFit:
+    """PLCC after the VQEG nonlinear mapping of predictions to targets (as pyiqa and VQEG reports do).
+
+    ``β* = argmin_β Σ_i (f_β(x_i) − y_i)²`` by ``scipy.optimize.curve_fit``, with ``f`` the 5-parameter
+    :func:`logistic_5` or 4-parameter :func:`logistic_4`; then ``PLCC_logistic = PLCC(f_β*(x), y)``.
+    Start values come from the data (b3 = x̄, slope from std(x), amplitude from the range R of y), and
+    loose bounds (trust-region reflective) keep the fit well posed: for 5 parameters ``|b1| ≤ 4R``,
+    ``0 ≤ b2 ≤ 20/std(x)``, ``min x ≤ b3 ≤ max x``. When the fit fails (N ≤ number of parameters, no
+    convergence, a non-finite or constant mapping) the result is the plain :func:`plcc` with
+    ``fitted=False``.
+
+    Args:
+        pred: Predicted scores x, shape (N,).
+        target: Ground-truth scores y, shape (N,).
+        params: 5 (default) or 4.
+
+    Returns:
+        A :class:`LogisticFit`.
+
+    Raises:
+        ValueError: If the lengths differ or ``params`` is not 4 or 5.
+    """
+    if params not in (4, 5):
+        raise ValueError(f"fit_logistic: params must be 4 or 5, got {params}")
+    x, y = _paired_1d("plcc_logistic", pred, target)
+    plain = _pearson(x, y)
+    if not math.isfinite(plain):
+        return LogisticFit(plain, False, reason="plain PLCC is undefined (N < 2, constant or nan input)")
+    if x.size <= params:
+        return LogisticFit(plain, False, reason=f"{x.size} samples cannot fit {params} parameters")
+    func = logistic_5 if params == 5 else logistic_4
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # OptimizeWarning (covariance not estimated) does not matter here
+            start, bounds = _start_and_bounds(x, y, params)
+            beta, _ = curve_fit(func, x, y, p0=start, bounds=bounds, maxfev=10_000)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return LogisticFit(plain, False, reason=f"curve_fit failed: {exc}")
+    mapped = func(x, *beta)
+    fitted = _pearson(mapped, y)
+    if not np.isfinite(mapped).all() or not math.isfinite(fitted):
+        return LogisticFit(plain, False, reason="the fitted mapping is constant or not finite")
+    return LogisticFit(fitted, True, tuple(float(b) for b in beta))
+
+
+def plcc_logistic(pred: Any, target: Any, params: int = 5) -> float:
+    """PLCC after the VQEG logistic mapping; see :func:`fit_logistic` for the formula.
+
+    Args:
+        pred: Predicted scores, shape (N,).
+        target: Ground-truth scores, shape (N,).
+        params: 5 (default) or 4 logistic parameters.
+
+    Returns:
+        The correlation in [−1, 1]. When the fit fails it is the plain PLCC, with a ``RuntimeWarning``
+        (unless the plain PLCC is itself nan: N < 2 or a constant input).
+
+    Raises:
+        ValueError: If the lengths differ or ``params`` is not 4 or 5.
+    """
+    fit = fit_logistic(pred, target, params)
+    if not fit.fitted and math.isfinite(fit.plcc):
+        warnings.warn(f"plcc_logistic: {fit.reason}; reporting the plain PLCC", RuntimeWarning, stacklevel=2)
+    return fit.plcc
+
+
 def accuracy(pred: Any, target: Any, threshold: float) -> float:
     """Binary classification accuracy, "good" meaning score > threshold (AVA: threshold 5).
 
@@ -145,8 +333,13 @@ def evaluate_scores(
     threshold: float,
     pred_dist: Any | None = None,
     target_dist: Any | None = None,
-) -> dict[str, float | int | None]:
+    *,
+    extended: bool = False,
+) -> dict[str, float | int | bool | None]:
     """All score metrics at once.
+
+    Validation during training (``val_*``) uses the core set; ``cskd-ray evaluate`` asks for the
+    extended one, which adds the rank and fitted correlations of IQA papers.
 
     Args:
         pred_scores: Predicted scores, shape (N,).
@@ -154,20 +347,27 @@ def evaluate_scores(
         threshold: Accuracy threshold (see :func:`accuracy`).
         pred_dist: Predicted distributions (N, K), optional.
         target_dist: Ground-truth distributions (N, K), optional.
+        extended: Also compute ``krcc`` (:func:`krcc`), ``plcc_logistic`` (5-parameter fit, see
+            :func:`fit_logistic`) and ``plcc_logistic_fitted`` (False: the fit failed and
+            ``plcc_logistic`` is the plain PLCC).
 
     Returns:
-        ``{"srcc", "plcc", "accuracy", "emd", "n"}``: floats, ``emd`` (r = 1) is None unless both
-        distributions are given, and ``n`` is the number of samples.
+        ``{"srcc", "plcc", "accuracy", "emd", "n"}`` (plus the extended keys): floats, ``emd`` (r = 1) is
+        None unless both distributions are given, and ``n`` is the number of samples.
     """
     p, t = _paired_1d("evaluate_scores", pred_scores, target_scores)
     has_dist = pred_dist is not None and target_dist is not None
-    return {
+    metrics: dict[str, float | int | bool | None] = {
         "srcc": srcc(p, t),
         "plcc": plcc(p, t),
         "accuracy": accuracy(p, t, threshold),
         "emd": emd(pred_dist, target_dist, r=1.0) if has_dist else None,
         "n": int(p.size),
     }
+    if extended:
+        fit = fit_logistic(p, t)
+        metrics.update(krcc=krcc(p, t), plcc_logistic=fit.plcc, plcc_logistic_fitted=fit.fitted)
+    return metrics
 
 
 def _renormalized_attention(name: str, attn: Tensor) -> Tensor:

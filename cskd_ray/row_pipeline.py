@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cskd_ray.data.datasets import table_dataset
 from cskd_ray.data.transforms import PreprocessSpec
 from cskd_ray.feature_cache import FeatureCache
 
@@ -91,10 +92,7 @@ def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.
 
 def _uri_blocks(table: pa.Table, rows_per_block: int) -> Any:
     """A Ray dataset of ``table`` split into blocks, so map tasks run in parallel."""
-    import ray
-
-    blocks = [table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    return table_dataset(table, rows_per_block)
 
 
 def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type, actor_kwargs: dict,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -11,9 +12,54 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: weights loading must fail fast
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray Train V2's controller polls its workers every 2 s by default, so each of the suite's ~20 trainer runs waited
+# up to 2 s at start and at the end for nothing; the preemption watcher (one more actor process per run) only
+# matters on cloud spot nodes. Both are plain Ray settings, read when a TorchTrainer starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "jobs" / "configs" / "demo"
 SHARED_LABELS = Path(os.environ.get("CSKD_SHARED_LABELS", REPO.parent / "shared" / "data" / "labels"))
+
+
+def _timeout_behind(exc: BaseException) -> BaseException | None:
+    """pytest-timeout's ``Failed`` when it is what ``exc`` hides, else None.
+
+    When the timeout's SIGALRM lands while the main thread waits in ``ray.get``, Ray's signal check leaves the
+    ``Failed`` exception pending, and the next C call raises ``SystemError: <built-in method __new__ of type
+    object> returned a result with an exception set`` with the timeout only as its cause (seen in
+    test_tune's sweep, reproduced in isolation): a timed-out test looked like a Ray deserialisation bug.
+    """
+    cause = exc.__cause__
+    if isinstance(exc, SystemError) and cause is not None and "Timeout" in str(cause):
+        return cause
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    """Report a timeout that Ray turned into a ``SystemError`` as the timeout it is."""
+    try:
+        return (yield)
+    except SystemError as exc:
+        timeout = _timeout_behind(exc)
+        if timeout is None:
+            raise
+        raise timeout from None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Report a timeout that Ray turned into a ``SystemError`` as the timeout it is."""
+    try:
+        return (yield)
+    except SystemError as exc:
+        timeout = _timeout_behind(exc)
+        if timeout is None:
+            raise
+        raise timeout from None
 
 
 def _free_port() -> int:
@@ -45,6 +91,16 @@ def ray_session(s3_server: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator:
+    """A ``ray start --head`` of our own (tests/ray_head.py), started once for the tests that submit Ray Jobs or run
+    drivers against a real cluster head, and stopped by its own pids at the end."""
+    from ray_head import running_head
+
+    with running_head() as head:
+        yield head
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +160,51 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     make_demo_data(out, 60, labeled_fraction=0.25, seed=0, image_size=64, num_corrupt=4)
     return out
+
+
+@pytest.fixture(scope="session")
+def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The features stage's cache of the session's demo images (tiny random CLIP), built once for every test that
+    trains on it (align, train faults, distill)."""
+    from cskd_ray.config import load_config
+    from cskd_ray.features import run_features
+
+    out = str(tmp_path_factory.mktemp("features") / "features")
+    cfg = load_config("features", CONFIGS / "features.yaml", ["batch_size=32"],
+                      input_uris=[str(demo_data / "images")], output_uri=out)
+    run_features(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_run(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real run, made once: a teacher trained in two runs (the second resumes the first at step 2), its
+    pseudo-labels of ``unlabeled.csv`` and its evaluation on the test split.
+
+    Layout: ``teacher/`` (with ``model/``), ``first-history.jsonl`` (the history after the first run),
+    ``pseudo-labels/``, ``evaluate-teacher/``. The teacher, report and distill tests read it; none writes into it.
+    """
+    from cskd_ray.config import load_config
+    from cskd_ray.evaluation import EvaluationRequest, evaluate_model
+    from cskd_ray.labeling import run_label
+    from cskd_ray.train.supervise import run_teacher
+
+    run = tmp_path_factory.mktemp("run")
+    base = [f"labels.images_root={demo_data / 'images'}", f"labels.test_list={demo_data / 'test.jpgl'}",
+            "aligned=null", "train.batch_size=4", "train.epochs=2", "train.warmup_steps=1", "decode_batch_size=4"]
+    labels = [str(demo_data / "AVA.txt")]
+    teacher = run / "teacher"
+    run_teacher(load_config("teacher", CONFIGS / "teacher.yaml", [*base, "train.max_steps=2"], input_uris=labels,
+                            output_uri=str(teacher)))
+    (run / "first-history.jsonl").write_text((teacher / "metrics.jsonl").read_text())
+    result = run_teacher(load_config("teacher", CONFIGS / "teacher.yaml", base, input_uris=labels,
+                                     output_uri=str(teacher)))  # resumes from step 2
+    (run / "teacher-result.json").write_text(json.dumps({"head": result.head, "train_rows": result.train_rows,
+                                                         "val_rows": result.val_rows, "steps": result.steps}))
+    run_label(load_config("label", CONFIGS / "label.yaml", [f"model={teacher / 'model'}", "decode_batch_size=8"],
+                          input_uris=[str(demo_data / "unlabeled.csv")], output_uri=str(run / "pseudo-labels")),
+              progress=lambda line: None)
+    evaluate_model(EvaluationRequest(str(teacher / "model"), "ava", str(demo_data / "AVA.txt"),
+                                     str(run / "evaluate-teacher"), str(demo_data / "images"),
+                                     str(demo_data / "test.jpgl"), "test"))
+    return run

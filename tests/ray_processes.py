@@ -48,8 +48,8 @@ def _alive(pid: int) -> bool:
 
 
 def stop_processes_under(temp_dir: Path) -> None:
-    """SIGTERM the processes of the Ray under ``temp_dir``, then SIGKILL what is left after 15 s; nothing else."""
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM the processes of the Ray under ``temp_dir``, then SIGKILL what is left after 5 s; nothing else."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         pids = processes_under(temp_dir)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

@@ -23,7 +23,7 @@ from cskd_ray.config import load_config
 from cskd_ray.data.decode import decode_image
 from cskd_ray.data.transforms import PreprocessSpec
 from cskd_ray.feature_cache import FeatureCache, ResultTable
-from cskd_ray.train.common import decode_for_training
+from cskd_ray.train.ingest import decode_for_training
 
 # file name -> expected error prefix (None: a valid image, whatever its extension says)
 EXPECTED = {

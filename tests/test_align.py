@@ -1,9 +1,10 @@
-"""Phase 1 on Ray Train: runs, writes checkpoints and the aligned model, resumes to the same weights."""
+"""Phase 1 on Ray Train: DDP equals one worker, the aligned model loads, token-map alignment, refusals.
+
+Resume, damaged checkpoints and killed workers: tests/test_train_faults.py (same set-up)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,6 @@ from cskd_ray.features import run_features
 from cskd_ray.train.align import load_aligned, run_align
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-
-
-@pytest.fixture(scope="module")
-def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("align") / "features")
-    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
-                      input_uris=[str(demo_data / "images")], output_uri=out)
-    run_features(cfg)
-    return out
 
 
 def _align(cache: str, output: Path, *overrides: str):
@@ -36,40 +27,14 @@ def _align(cache: str, output: Path, *overrides: str):
     return run_align(cfg)
 
 
-def test_align_resumes_to_the_same_weights_as_an_uninterrupted_run(feature_cache: str, tmp_path: Path) -> None:
-    interrupted = tmp_path / "interrupted"
-    first = _align(feature_cache, interrupted, "train.max_steps=3")  # stops after step 3, as if killed there
-    assert first.steps == 3 and first.rows == 60
-    resumed = _align(feature_cache, interrupted)
-    straight = _align(feature_cache, tmp_path / "straight")
-    assert resumed.steps == straight.steps == 6  # 60 images // 16 = 3 steps per epoch, 2 epochs
-    got = load_file(str(interrupted / "model" / "model.safetensors"))
-    want = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    assert got.keys() == want.keys()
-    for key in want:  # CPU, fixed seed, ordered ingest: equal up to float rounding
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
-    checkpoints = sorted(p.name for p in (interrupted / "train").iterdir() if p.name.startswith("checkpoint"))
-    assert checkpoints, "checkpoints are kept under output/train"
-    description = json.loads((interrupted / "model" / "model.json").read_text())
-    assert description["step"] == 6 and description["clip"]["random_weights"] is True
-    assert 0.0 <= description["metrics"]["loss"] <= 2.0 and -1.0 <= description["metrics"]["cosine"] <= 1.0
-
-
-def test_aligned_model_loads_and_projects_into_clip_space(feature_cache: str, tmp_path: Path) -> None:
-    _align(feature_cache, tmp_path / "run", "train.max_steps=1", "encoder.projection=mlp")
-    model, preprocess, description = load_aligned(str(tmp_path / "run" / "model"))
-    x = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size)
-    assert model(x).shape == (2, description["clip_dim"]) == (2, 32)
-    assert description["encoder"]["projection"] == "mlp"
-
-
 def test_align_rejects_a_folder_that_is_not_a_feature_cache(ray_session, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not a feature cache"):
         _align(str(tmp_path), tmp_path / "out")
 
 
 def test_ddp_two_workers_equal_one_worker_with_the_same_global_batch(feature_cache: str, tmp_path: Path) -> None:
-    """2 DDP workers x 30 rows train the same weights as 1 worker x 60 rows, up to 2% of how far they moved.
+    """2 DDP workers x 30 rows train the same weights as 1 worker x 60 rows, up to 2% of how far they moved; the
+    aligned model (MLP projection) loads and projects into CLIP space.
 
     Each step uses the whole dataset (global batch = 60 rows), so a step sees the same set of rows whichever
     worker Ray Data hands them to, and test_vit has no batch statistics: averaging the two workers' mean
@@ -77,7 +42,7 @@ def test_ddp_two_workers_equal_one_worker_with_the_same_global_batch(feature_cac
     sqrt(v) + eps, which magnifies those rounding differences on near-zero gradients. The bound is therefore
     relative to the largest weight change (the difference seen here is about 1%), not an absolute epsilon.
     """
-    common = ("train.batch_size=60", "train.epochs=3", "train.checkpoint_every=100")
+    common = ("train.batch_size=60", "train.epochs=3", "train.checkpoint_every=100", "encoder.projection=mlp")
     _align(feature_cache, tmp_path / "one", *common, "train.num_workers=1")
     _align(feature_cache, tmp_path / "two", *common, "train.num_workers=2")
     one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
@@ -88,6 +53,10 @@ def test_ddp_two_workers_equal_one_worker_with_the_same_global_batch(feature_cac
     print(f"ddp: weights moved by up to {moved:.3e}; 1 vs 2 workers differ by up to {differ:.3e}")
     assert moved > 1e-3, "training moved the weights"
     assert differ <= 0.02 * moved, f"1 vs 2 workers differ by {differ:.2e}; weights moved by {moved:.2e}"
+    model, preprocess, description = load_aligned(str(tmp_path / "two" / "model"))
+    x = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size)
+    assert model(x).shape == (2, description["clip_dim"]) == (2, 32)
+    assert description["encoder"]["projection"] == "mlp"
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
@@ -96,7 +65,7 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 
     torch.manual_seed(0)  # train.seed: the loop seeds before building the task
     encoder = create_encoder("test_vit")
-    return EncoderWithProjection(encoder.model, ProjectionHead(encoder.dim, 32)).state_dict()
+    return EncoderWithProjection(encoder.model, ProjectionHead(encoder.dim, 32, "mlp")).state_dict()
 
 
 @pytest.fixture(scope="module")

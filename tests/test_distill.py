@@ -14,8 +14,6 @@ from safetensors.torch import save_file
 
 from cskd_ray.config import ConfigError, load_config
 from cskd_ray.data.transforms import normalize_batch
-from cskd_ray.features import run_features
-from cskd_ray.labeling import run_label
 from cskd_ray.losses import cosine_alignment, emd_loss
 from cskd_ray.models import create_encoder
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
@@ -160,19 +158,16 @@ def test_augmentations_keep_shape_and_range_and_follow_the_generator() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_distill_trains_on_labels_pseudo_labels_and_features(ray_session, demo_data: Path, tmp_path: Path) -> None:
-    features = str(tmp_path / "features")
-    run_features(load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", ["batch_size=32"],
-                             input_uris=[str(demo_data / "images")], output_uri=features))
-    teacher = _save_teacher(tmp_path / "teacher")
-    pseudo = str(tmp_path / "pseudo")
-    run_label(load_config("label", REPO / "jobs" / "configs" / "demo" / "label.yaml", [f"model={teacher}"],
-                          input_uris=[str(demo_data / "unlabeled.csv")], output_uri=pseudo))
+def test_distill_trains_on_labels_pseudo_labels_and_features(feature_cache: str, teacher_run: Path, demo_data: Path,
+                                                             tmp_path: Path) -> None:
+    """The session's feature cache and trained teacher (its pseudo-labels of unlabeled.csv, and the teacher itself
+    online for the consistency term), with two extra frozen teachers."""
+    teacher = teacher_run / "teacher" / "model"
     cfg = load_config("distill", CONFIG, [f"labels.images_root={demo_data / 'images'}",
                                           f"labels.test_list={demo_data / 'test.jpgl'}", "aligned=null",
-                                          f"pseudo_labels={pseudo}", f"features={features}", "train.batch_size=8",
-                                          "train.epochs=1", "decode_batch_size=8", "consistency_weight=0.5",
-                                          f"teacher_model={teacher}", EXTRA_TEACHERS],
+                                          f"pseudo_labels={teacher_run / 'pseudo-labels'}", f"features={feature_cache}",
+                                          "train.batch_size=8", "train.epochs=1", "decode_batch_size=8",
+                                          "consistency_weight=0.5", f"teacher_model={teacher}", EXTRA_TEACHERS],
                       input_uris=[str(demo_data / "AVA.txt")], output_uri=str(tmp_path / "student"))
     result = run_distill(cfg)
     # 15 labeled images minus the validation split, plus the 45 unlabeled ones that decode (the 4 corrupt

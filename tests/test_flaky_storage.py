@@ -99,7 +99,7 @@ def test_features_align_label_complete_through_20_percent_faults(
             "--set",
             "train.batch_size=4",
             "--set",
-            "train.max_steps=3",
+            "train.max_steps=2",
             "--set",
             "train.checkpoint_every=1",
             "--set",

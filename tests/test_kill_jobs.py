@@ -1,4 +1,5 @@
-"""Killed processes: a model actor killed with SIGKILL mid-job, and a driver killed and rerun.
+"""Killed processes: a model actor killed with SIGKILL mid-job, and a job's driver killed on a running cluster and
+rerun (the session's ``ray start --head``, as a user's job on a cluster).
 
 Both must end with one row per input, no duplicate, and (for the rerun) only the missing rows computed.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from ray_head import RayHead
 from test_adversarial_images import write_scoring_model
 
 from cskd_ray.config import load_config
@@ -113,7 +115,9 @@ def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
     _assert_every_input_once(stage, output, many_images)
 
 
-def _cli(stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path: Path) -> subprocess.Popen:
+def _cli(
+    stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path: Path, head: RayHead
+) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
@@ -127,29 +131,34 @@ def _cli(stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path:
     ]
     for item in [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else [])]:
         args += ["--set", item]
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        args,
+        env=head.driver_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
 @pytest.mark.parametrize("stage", ["features", "label"])
 def test_killed_driver_rerun_computes_only_the_missing_rows(
-    many_images: Path, model_dir: Path, tmp_path: Path, stage: str
+    ray_head: RayHead, many_images: Path, model_dir: Path, tmp_path: Path, stage: str
 ) -> None:
-    """SIGKILL the whole CLI job (driver and its local Ray) after a few shards, then rerun it to completion."""
+    """SIGKILL the driver of a CLI job on a running cluster after a few shards (Ray then ends the job's workers and
+    actors), then rerun it to completion."""
     output = tmp_path / stage
-    first = _cli(stage, many_images, output, model_dir, tmp_path)
+    first = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
     deadline = time.monotonic() + 240
     while len(_shards(output)) < 2 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and any process it started
     first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL, "the job was still running when killed"
     done_before = len(_table(stage, output))
     assert 0 < done_before < 162
-    second = _cli(stage, many_images, output, model_dir, tmp_path)
+    second = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-3000:]
     _assert_every_input_once(stage, output, many_images)

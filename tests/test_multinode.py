@@ -205,6 +205,8 @@ def test_features_score_and_train_spread_over_nodes_with_complete_outputs(tmp_pa
             "HF_HUB_OFFLINE": "1",
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # as tests/conftest.py sets for the session's Ray
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
             "RAY_memory_monitor_refresh_ms": "0",  # no kills for memory other processes on the machine use
         }
     )

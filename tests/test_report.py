@@ -1,7 +1,8 @@
 """The run report: built from a real (tiny) run, its numbers equal the stages' JSON, and it renders in Chromium.
 
-The run is made by the real stages on the session's demo data: a teacher trained in two runs (the second
-resumes the first, so the training history must carry over), its pseudo-labels and an evaluation.
+The run is made once per session by the real stages on the demo data (``teacher_run`` in conftest.py): a
+teacher trained in two runs (the second resumes the first, so the training history must carry over), its
+pseudo-labels and an evaluation.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from conftest import REPO
 
 from cskd_ray import storage
 from cskd_ray.cli import main
-from cskd_ray.config import ConfigError, load_config
-from cskd_ray.evaluation import EvaluationRequest, evaluate_model
+from cskd_ray.config import ConfigError
 from cskd_ray.feature_cache import ResultTable
-from cskd_ray.labeling import LABEL_SCHEMA, run_label
+from cskd_ray.labeling import LABEL_SCHEMA
 from cskd_ray.report import write_report
 from cskd_ray.train.history import TrainingHistory, read_history
-from cskd_ray.train.supervise import run_teacher
 
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 CONFIGS = REPO / "jobs" / "configs" / "demo"
@@ -75,23 +74,10 @@ def _parse(path: Path) -> _Page:
 
 
 @pytest.fixture(scope="module")
-def demo_run(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    base = [f"labels.images_root={demo_data / 'images'}", f"labels.test_list={demo_data / 'test.jpgl'}",
-            "aligned=null", "train.batch_size=4", "train.epochs=2", "train.warmup_steps=1", "decode_batch_size=4"]
-    teacher = run / "teacher"
-    run_teacher(load_config("teacher", CONFIGS / "teacher.yaml", [*base, "train.max_steps=2"],
-                            input_uris=[str(demo_data / "AVA.txt")], output_uri=str(teacher)))
-    (run / "first-history.jsonl").write_text((teacher / "metrics.jsonl").read_text())
-    run_teacher(load_config("teacher", CONFIGS / "teacher.yaml", base, input_uris=[str(demo_data / "AVA.txt")],
-                            output_uri=str(teacher)))  # resumes from step 2
-    run_label(load_config("label", CONFIGS / "label.yaml", [f"model={teacher / 'model'}", "decode_batch_size=8"],
-                          input_uris=[str(demo_data / "unlabeled.csv")], output_uri=str(run / "pseudo-labels")),
-              progress=lambda line: None)
-    evaluate_model(EvaluationRequest(str(teacher / "model"), "ava", str(demo_data / "AVA.txt"),
-                                     str(run / "evaluate-teacher"), str(demo_data / "images"),
-                                     str(demo_data / "test.jpgl"), "test"))
-    return run
+def demo_run(teacher_run: Path) -> Path:
+    """The session's tiny real run (tests/conftest.py ``teacher_run``): a teacher trained in two runs (the second
+    resumes the first), its pseudo-labels and its evaluation."""
+    return teacher_run
 
 
 @pytest.mark.ray

@@ -12,7 +12,6 @@ import torch
 from conftest import REPO
 
 from cskd_ray.config import ConfigError, load_config
-from cskd_ray.evaluation import EvaluationRequest, evaluate_model
 from cskd_ray.losses import emd_loss
 from cskd_ray.train.supervise import HeadSpec, SupervisedTask, run_teacher
 
@@ -61,25 +60,24 @@ def test_scalar_head_maps_back_to_the_dataset_scale() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_teacher_trains_on_ava_labels_and_exports_the_best_checkpoint(ray_session, demo_data: Path,
-                                                                      tmp_path: Path) -> None:
-    result = run_teacher(_cfg(demo_data, tmp_path / "teacher"))
-    assert result.head["kind"] == "distribution" and result.head["bins"] == 10 and result.head["threshold"] == 5.0
-    assert result.train_rows + result.val_rows == 15 and result.val_rows == len(
+def test_teacher_trains_on_ava_labels_and_exports_the_best_checkpoint(teacher_run: Path, demo_data: Path) -> None:
+    """The session's teacher (tests/conftest.py ``teacher_run``: two runs, the second resumed) and its evaluation."""
+    result = json.loads((teacher_run / "teacher-result.json").read_text())
+    teacher = teacher_run / "teacher"
+    assert result["head"]["kind"] == "distribution" and result["head"]["bins"] == 10
+    assert result["head"]["threshold"] == 5.0
+    assert result["train_rows"] + result["val_rows"] == 15 and result["val_rows"] == len(
         (demo_data / "test.jpgl").read_text().split())
-    description = json.loads((tmp_path / "teacher" / "model" / "model.json").read_text())
+    description = json.loads((teacher / "model" / "model.json").read_text())
     assert description["stage"] == "teacher" and description["head"]["kind"] == "distribution"
     assert {"val_srcc", "val_plcc", "val_accuracy", "val_emd"} <= set(description["metrics"])
-    assert (tmp_path / "teacher" / "model" / "model.safetensors").stat().st_size > 10_000
-    assert len(list((tmp_path / "teacher" / "train").glob("checkpoint_2*"))) <= 2  # train.keep_checkpoints
+    assert (teacher / "model" / "model.safetensors").stat().st_size > 10_000
+    assert len(list((teacher / "train").glob("checkpoint_2*"))) <= 2  # train.keep_checkpoints
     # `evaluate` scores the validation split through Ray Data and must agree with the teacher's own validation
-    report = evaluate_model(EvaluationRequest(str(tmp_path / "teacher" / "model"), "ava", str(demo_data / "AVA.txt"),
-                                              str(tmp_path / "eval"), str(demo_data / "images"),
-                                              str(demo_data / "test.jpgl"), split="test"))
-    assert report["scored"] == result.val_rows and report["threshold"] == 5.0
+    report = json.loads((teacher_run / "evaluate-teacher" / "metrics.json").read_text())
+    assert report["scored"] == result["val_rows"] and report["threshold"] == 5.0
     for name in ("srcc", "plcc", "accuracy", "emd"):
         assert report[name] == pytest.approx(description["metrics"][f"val_{name}"], abs=1e-4), name
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["srcc"] == report["srcc"]
 
 
 @pytest.mark.ray

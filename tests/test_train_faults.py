@@ -1,11 +1,12 @@
-"""Training under faults: a damaged latest checkpoint, a Train worker killed with SIGKILL mid-run.
+"""Training resumed after a stop, past a damaged latest checkpoint, and after a Train worker killed with SIGKILL.
 
-All runs use the tiny align set-up of tests/test_align.py with ordered ingest (``train.deterministic``), so a
-run that recovers correctly ends with the same weights as an uninterrupted one.
+All runs align test_vit to the session's feature cache with ordered ingest (``train.deterministic``), so a run
+that recovers correctly ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,34 +19,17 @@ from conftest import REPO
 from safetensors.torch import load_file
 
 from cskd_ray.config import load_config
-from cskd_ray.features import run_features
 from cskd_ray.train.align import run_align
 from cskd_ray.train.checkpoints import MANIFEST_FILE, MODEL_FILE, STATE_FILE, verify_checkpoint, write_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-STEPS = 8  # 60 images // 16 = 3 steps per epoch, 3 epochs, capped at 8
-
-
-@pytest.fixture(scope="module")
-def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("train-faults") / "features")
-    cfg = load_config(
-        "features",
-        REPO / "jobs" / "configs" / "demo" / "features.yaml",
-        ["batch_size=32"],
-        input_uris=[str(demo_data / "images")],
-        output_uri=out,
-    )
-    run_features(cfg)
-    return out
+STEPS = 6  # 60 images // 16 = 3 steps per epoch, 2 epochs
 
 
 def _align(cache: str, output: Path, *overrides: str):
     base = [
         "train.batch_size=16",
-        "train.epochs=3",
-        f"train.max_steps={STEPS}",
+        "train.epochs=2",
         "train.warmup_steps=1",
         "train.checkpoint_every=2",
         "train.shuffle=false",
@@ -68,7 +52,13 @@ def _align(cache: str, output: Path, *overrides: str):
 def straight(feature_cache: str, tmp_path_factory: pytest.TempPathFactory):
     """An uninterrupted run: the reference for every recovered run."""
     output = tmp_path_factory.mktemp("straight")
-    return _align(feature_cache, output), load_file(str(output / "model" / MODEL_FILE))
+    result = _align(feature_cache, output)
+    assert result.steps == STEPS and result.rows == 60
+    description = json.loads((output / "model" / "model.json").read_text())
+    assert description["step"] == STEPS and description["clip"]["random_weights"] is True
+    assert 0.0 <= description["metrics"]["loss"] <= 2.0 and -1.0 <= description["metrics"]["cosine"] <= 1.0
+    assert _checkpoints(output), "checkpoints are kept under output/train"
+    return result, load_file(str(output / "model" / MODEL_FILE))
 
 
 def _checkpoints(output: Path) -> list[Path]:
@@ -110,12 +100,16 @@ def test_manifest_detects_truncation_corruption_and_a_missing_manifest(tmp_path:
     assert verify_checkpoint(tmp_path) == f"no {MANIFEST_FILE}"
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(feature_cache: str, straight, tmp_path: Path) -> None:
+def test_stopped_run_resumes_past_a_damaged_latest_checkpoint_to_the_same_weights(feature_cache: str, straight,
+                                                                                 tmp_path: Path) -> None:
+    """Stopped after step 5 (checkpoints at 2, 4 and 5), the latest one damaged, then rerun: the rerun resumes from
+    the newest intact checkpoint (4, not 2: mid-epoch, so it skips the epoch's first batch) and ends where an
+    uninterrupted run ends."""
     output = tmp_path / "run"
-    first = _align(feature_cache, output, "train.max_steps=4")  # checkpoints at steps 2 and 4, as if killed after 4
-    assert first.steps == 4
+    first = _align(feature_cache, output, "train.max_steps=5")  # stops after step 5, as if killed there
+    assert first.steps == 5 and first.rows == 60
     older, latest = _checkpoints(output)[-2:]
-    assert '"step": 4' in (latest / STATE_FILE).read_text() and '"step": 2' in (older / STATE_FILE).read_text()
+    assert '"step": 5' in (latest / STATE_FILE).read_text() and '"step": 4' in (older / STATE_FILE).read_text()
     weights = latest / MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
     resumed = _align(feature_cache, output)

@@ -13,15 +13,12 @@ maps (features with ``tokens: true``) on the same grid as the student's (a ViT).
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -36,7 +33,9 @@ from cskd_ray.losses import alignment_loss
 from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
 from cskd_ray.models.registry import create_encoder
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer, decode_for_training
+from cskd_ray.train.common import build_trainer
+from cskd_ray.train.ingest import decode_cached_rows
+from cskd_ray.train.launch import TaskFactory
 
 MODEL_DIR = "model"
 
@@ -105,19 +104,6 @@ def check_token_grids(cfg: AlignConfig, meta: dict, encoder: nn.Module) -> int:
     return int(meta["token_dim"])
 
 
-def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature") -> dict[str, np.ndarray]:
-    """Ray Data task: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target``, ``valid``.
-
-    A row whose image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every
-    worker sees exactly the number of rows the step count was planned for.
-    """
-    batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
-    features = batch.column(column).combine_chunks()
-    target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(batch), -1)
-    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
-    return {"pixels": pixels, "target": target, "valid": valid}
-
-
 def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int,
                      column: str = "feature") -> tuple[Any, int]:
     """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count.
@@ -172,7 +158,7 @@ def run_align(cfg: AlignConfig) -> AlignResult:
     steps_per_epoch = (rows // world) // (batch // world)
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {batch} is larger than the {rows} cached images")
-    factory = functools.partial(AlignTask, clip_dim=target_dim)
+    factory = TaskFactory(__name__, "AlignTask", {"clip_dim": target_dim})
     trainer = build_trainer("align", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, dataset,
                             cfg.output)
     result = trainer.fit()

@@ -12,17 +12,14 @@ import contextlib
 import contextvars
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import TrainerConfig
-from cskd_ray.data.decode import decode_image
-from cskd_ray.data.transforms import PreprocessSpec, resize_crop
 from cskd_ray.precision import autocast
 from cskd_ray.train.checkpoints import (
     TrainState,
@@ -33,8 +30,7 @@ from cskd_ray.train.checkpoints import (
     write_manifest,
 )
 from cskd_ray.train.history import TrainingHistory
-
-TaskFactory = Callable[[dict], nn.Module]
+from cskd_ray.train.launch import TaskFactory, train_worker_loop
 
 # Ray Train callbacks that build_trainer adds to every trainer built in the current context (a trial of a
 # Tune sweep adds Tune's TuneReportCallback this way, so the stages need no Tune-specific argument).
@@ -53,24 +49,6 @@ def extra_run_callbacks(callbacks: list[Any]) -> Iterator[None]:
         yield
     finally:
         _RUN_CALLBACKS.reset(token)
-
-
-def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read, decode and resize/crop images for a training batch: ``pixels`` (N, S, S, 3) uint8 and ``valid``.
-
-    An image that cannot be read or decoded keeps its row with ``valid = 0`` (losses skip it), so every
-    worker sees exactly the number of rows its step count was planned for.
-    """
-    size = spec.image_size
-    pixels, valid = np.zeros((len(uris), size, size, 3), dtype=np.uint8), np.zeros(len(uris), dtype=np.uint8)
-    for i, uri in enumerate(uris):
-        try:
-            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
-        except (OSError, ValueError):
-            continue
-        if decoded.ok:
-            pixels[i], valid[i] = resize_crop(decoded.image, spec), 1
-    return pixels, valid
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -116,8 +94,10 @@ def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Opti
     history.publish()
 
 
-def train_worker_loop(loop_config: dict) -> None:
-    """Ray Train ``train_loop_per_worker``: restore, then train ``total_steps`` steps on the ``train`` shard.
+def run_worker_loop(loop_config: dict) -> None:
+    """The Ray Train worker loop: restore, then train ``total_steps`` steps on the ``train`` shard.
+
+    Called by :func:`cskd_ray.train.launch.train_worker_loop`, the light entry point Ray pickles.
 
     ``loop_config`` holds ``task_factory`` (a picklable callable building the task from the stage
     config), ``stage`` (the stage config as a dict), ``trainer`` (:class:`TrainerConfig` as a dict),
@@ -186,7 +166,7 @@ def train_worker_loop(loop_config: dict) -> None:
 def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,
                   steps_per_epoch: int, dataset: Any, output: str, val_dataset: Any = None,
                   best_metric: str | None = None) -> Any:
-    """A ``TorchTrainer`` running :func:`train_worker_loop`; checkpoints go to ``output/train``.
+    """A ``TorchTrainer`` running :func:`run_worker_loop`; checkpoints go to ``output/train``.
 
     Running it again with the same ``output`` resumes from the latest complete checkpoint. With a
     ``val_dataset`` every worker sees all of it (it is not split) and each checkpoint carries the
@@ -199,7 +179,7 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
     use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     fs, path = storage.resolve(output)
     return TorchTrainer(
-        train_worker_loop,
+        train_worker_loop,  # a light module: the controller unpickles it without importing torch models
         train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
                            "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None, "output": output},
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,

@@ -20,7 +20,6 @@ term off. Validation and the exported model are as for the teacher.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict
 from typing import Any
@@ -32,12 +31,15 @@ import torch
 from torch import nn
 
 from cskd_ray.config import ConfigError, DistillConfig
+from cskd_ray.data.datasets import table_dataset
 from cskd_ray.feature_cache import FeatureCache, ResultTable
 from cskd_ray.labeling import LABEL_SCHEMA
 from cskd_ray.losses import cosine_alignment, emd_loss, score_mse
 from cskd_ray.models.heads import ProjectionHead
 from cskd_ray.train import augment
 from cskd_ray.train.common import build_trainer
+from cskd_ray.train.ingest import decode_mixed
+from cskd_ray.train.launch import TaskFactory
 from cskd_ray.train.supervise import (
     HeadSpec,
     SupervisedTask,
@@ -45,7 +47,6 @@ from cskd_ray.train.supervise import (
     _encoder_for,
     _head_spec,
     best_checkpoint,
-    decode_labeled,
     export_model,
     labeled_datasets,
 )
@@ -160,18 +161,6 @@ def _unlabeled_rows(cfg: DistillConfig, labeled_uris: set[str], head: HeadSpec) 
     return rows, dim
 
 
-def decode_mixed(batch: pa.Table, spec: dict, max_pixels: int, feature_dim: int) -> dict[str, np.ndarray]:
-    """Ray Data task: :func:`decode_labeled` plus ``labeled``, ``has_feature`` and ``feature`` (N, D)."""
-    out = decode_labeled(batch, spec, max_pixels)
-    features = np.zeros((len(batch), max(1, feature_dim)), dtype=np.float32)
-    has = np.zeros(len(batch), dtype=np.uint8)
-    for i, row in enumerate(batch.column("feature").to_pylist()):
-        if row is not None and feature_dim:
-            features[i], has[i] = row, 1
-    return {**out, "labeled": batch.column("labeled").to_numpy(zero_copy_only=False).astype(np.uint8),
-            "has_feature": has, "feature": features}
-
-
 def check_teachers(cfg: DistillConfig, head: HeadSpec) -> None:
     """Fail before training when a teacher cannot be built or its outputs do not fit the student's head."""
     from cskd_ray.models.saved import describe_scoring_model
@@ -197,8 +186,6 @@ def uses_unlabeled(cfg: DistillConfig) -> bool:
 
 def run_distill(cfg: DistillConfig) -> TeacherResult:
     """Train (or resume) the student; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
-    import ray
-
     start = time.perf_counter()
     _, preprocess, _ = _encoder_for(cfg)
     _, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
@@ -215,7 +202,7 @@ def run_distill(cfg: DistillConfig) -> TeacherResult:
         mixed = labeled
     mixed = mixed.take(pa.array(np.random.default_rng(cfg.train.seed).permutation(len(mixed))))
     block = max(cfg.decode_batch_size, 64)
-    train_ds = ray.data.from_arrow([mixed.slice(i, block) for i in range(0, len(mixed), block)]).map_batches(
+    train_ds = table_dataset(mixed, block).map_batches(
         decode_mixed, batch_size=cfg.decode_batch_size, batch_format="pyarrow",
         fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": cfg.max_pixels, "feature_dim": dim})
     world, batch = cfg.train.num_workers, cfg.train.batch_size
@@ -223,7 +210,7 @@ def run_distill(cfg: DistillConfig) -> TeacherResult:
     if batch % world or steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
                           f"the {len(mixed)} training rows")
-    factory = functools.partial(DistillTask, head=asdict(head), clip_dim=max(1, dim))
+    factory = TaskFactory(__name__, "DistillTask", {"head": asdict(head), "clip_dim": max(1, dim)})
     trainer = build_trainer("distill", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
                             cfg.output, val_dataset=val_ds, best_metric="val_srcc")
     state, weights = best_checkpoint(trainer.fit())

@@ -13,14 +13,12 @@ Each checkpoint carries validation SRCC, PLCC, accuracy and EMD (r = 1); the che
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -30,6 +28,7 @@ from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, TeacherConfig
+from cskd_ray.data.datasets import table_dataset
 from cskd_ray.data.labels import load_labels
 from cskd_ray.data.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import emd_loss, score_mse
@@ -37,7 +36,9 @@ from cskd_ray.metrics import evaluate_scores
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
 from cskd_ray.models.registry import create_encoder, encoder_dim
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer, decode_for_training
+from cskd_ray.train.common import build_trainer
+from cskd_ray.train.ingest import decode_labeled
+from cskd_ray.train.launch import TaskFactory
 
 
 @dataclass(frozen=True)
@@ -113,20 +114,6 @@ class SupervisedTask(nn.Module):
         return {f"val_{k}": float(v) for k, v in metrics.items() if v is not None and k != "n"}
 
 
-def decode_labeled(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np.ndarray]:
-    """Ray Data task: labeled rows → ``pixels``, ``valid``, ``score`` and ``distribution`` (zeros if none)."""
-    n = len(batch)
-    dist = batch.column("distribution").combine_chunks()
-    width = max((len(d) for d in dist.to_pylist() if d is not None), default=1)
-    distribution = np.zeros((n, width), dtype=np.float32)
-    for i, row in enumerate(dist.to_pylist()):
-        if row is not None:
-            distribution[i] = row
-    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
-    return {"pixels": pixels, "valid": valid, "score": batch.column("score").to_numpy().astype(np.float32),
-            "distribution": distribution}
-
-
 def _head_spec(cfg: TeacherConfig, train: pa.Table) -> HeadSpec:
     has_dist = train.column("distribution").null_count == 0
     kind = ("distribution" if has_dist else "scalar") if cfg.head == "auto" else cfg.head
@@ -142,8 +129,6 @@ def _head_spec(cfg: TeacherConfig, train: pa.Table) -> HeadSpec:
 
 def labeled_datasets(cfg: TeacherConfig, preprocess: PreprocessSpec) -> tuple[Any, Any, pa.Table, int]:
     """Train and val Ray datasets from the label file, the train table and the number of val rows."""
-    import ray
-
     table = load_labels(cfg.labels.format, cfg.input, cfg.labels.images_root, test_list=cfg.labels.test_list)
     is_val = pc.equal(table.column("split").fill_null(""), cfg.labels.val_split)
     train, val = table.filter(pc.invert(is_val)), table.filter(is_val)
@@ -154,8 +139,7 @@ def labeled_datasets(cfg: TeacherConfig, preprocess: PreprocessSpec) -> tuple[An
     kwargs = {"batch_size": cfg.decode_batch_size, "batch_format": "pyarrow",
               "fn_kwargs": {"spec": preprocess.to_dict(), "max_pixels": cfg.max_pixels}}
     block = max(cfg.decode_batch_size, 64)
-    datasets = [ray.data.from_arrow([t.slice(i, block) for i in range(0, len(t), block)]).map_batches(
-        decode_labeled, **kwargs) for t in (train, val)]
+    datasets = [table_dataset(t, block).map_batches(decode_labeled, **kwargs) for t in (train, val)]
     return datasets[0], datasets[1], train, len(val)
 
 
@@ -183,7 +167,7 @@ def run_teacher(cfg: TeacherConfig) -> TeacherResult:
     if batch % world or steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
                           f"the {len(train)} training rows")
-    factory = functools.partial(SupervisedTask, head=asdict(head))
+    factory = TaskFactory(__name__, "SupervisedTask", {"head": asdict(head)})
     trainer = build_trainer("teacher", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
                             cfg.output, val_dataset=val_ds, best_metric="val_srcc")
     state, weights = best_checkpoint(trainer.fit())

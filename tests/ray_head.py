@@ -1,0 +1,192 @@
+"""A ``ray start --head`` of our own for the tests that need a real cluster head: loopback, its own ports and temp
+dir, token auth on.
+
+The head is stopped by killing exactly the processes it started (found by its temp dir), never ``ray stop``,
+which would stop every Ray on the machine. Its token lives in the temp dir (``RAY_AUTH_TOKEN_PATH``), so the
+user's ``~/.ray/auth_token`` is neither read nor written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_processes import stop_processes_under
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}}
+
+
+def _free_port(outside: range = range(10002, 20000)) -> int:
+    """A free loopback port outside ``outside`` (Ray's worker port range by default)."""
+    import socket
+
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in outside:
+            return port
+
+
+@dataclass
+class RayHead:
+    """A running ``ray start --head`` and the environment its clients need (token auth)."""
+
+    address: str  # the dashboard (Jobs API) URL
+    gcs_address: str  # what a driver joins: RAY_ADDRESS=127.0.0.1:PORT
+    temp_dir: Path
+    env: dict[str, str]
+
+    def driver_env(self) -> dict[str, str]:
+        """The environment of a driver (``cskd-ray STAGE ...``) that joins this head instead of starting a Ray."""
+        return {**self.env, "RAY_ADDRESS": self.gcs_address}
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the ``ray`` CLI against this head."""
+        return subprocess.run(
+            [str(BIN / "ray"), *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def submit(self, submission_id: str, *entrypoint: str, timeout: float = 1500) -> str:
+        """``ray job submit --no-wait --working-dir .``, then ``ray job logs -f`` until it ends; its final status."""
+        done = self.ray(
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--submission-id",
+            submission_id,
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(RUNTIME_ENV),
+            "--",
+            *entrypoint,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):  # follows the output; returns when the job ends
+            self.ray("job", "logs", "--address", self.address, "-f", submission_id, timeout=timeout)
+        while True:  # `ray job status` ends with "Job 'ID' succeeded" (or "Status for job 'ID': RUNNING")
+            status = self.ray("job", "status", "--address", self.address, submission_id).stdout
+            final = re.search(rf"Job '{re.escape(submission_id)}' (succeeded|failed|stopped)", status)
+            if final:
+                return final.group(1).upper()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{submission_id} did not finish in {timeout} s:\n{status}")
+            time.sleep(2)
+
+    def logs(self, submission_id: str) -> str:
+        """``ray job logs``: the job's whole output."""
+        return self.ray("job", "logs", "--address", self.address, submission_id).stdout
+
+
+def _start_head(temp_dir: Path) -> RayHead:
+    """``ray start --head`` on 127.0.0.1: 2 CPUs, its own ports, ``temp_dir`` and token; waits for the Jobs API."""
+    token_file = temp_dir / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # Ray's memory monitor kills workers when the *machine* is nearly full, whoever uses the memory: on a
+            # shared CI box other processes' memory would fail this test's training stages (max_failures 0).
+            "RAY_memory_monitor_refresh_ms": "0",
+            # as tests/conftest.py sets for the session's Ray: Train controllers poll every 0.25 s, not 2 s
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        }
+    )
+    dashboard = _free_port()
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+    }
+    head = RayHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{ports['--port']}", temp_dir, env)
+    started = subprocess.run(  # the ray CLI, patient while a loaded machine registers the node (ray_processes.py)
+        [
+            sys.executable,
+            str(REPO / "tests" / "ray_processes.py"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            '--resources={"trial_driver": 1000}',
+            *(f"{k}={v}" for k, v in ports.items()),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    if started.returncode != 0:
+        raise RuntimeError(started.stdout + started.stderr)
+    deadline = time.monotonic() + 120
+    while True:  # the Jobs API answers once the dashboard is up
+        try:
+            with urllib.request.urlopen(f"{head.address}/api/version", timeout=5):
+                return head
+        except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
+            return head
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@contextlib.contextmanager
+def running_head() -> Iterator[RayHead]:
+    """A head of our own, stopped by its own pids. Ray gives a raylet 30 s to register with the GCS, which a
+    heavily loaded machine can miss: then that head is stopped and another started (3 tries)."""
+    temp_dirs: list[Path] = []
+    try:
+        for attempt in range(3):
+            temp_dirs.append(Path(tempfile.mkdtemp(prefix="cskdh", dir="/tmp")))  # short: socket paths ≤ 107 bytes
+            try:
+                head = _start_head(temp_dirs[-1])
+                break
+            except RuntimeError:
+                stop_processes_under(temp_dirs[-1])
+                if attempt == 2:
+                    raise
+        yield head
+    finally:
+        for temp_dir in temp_dirs:
+            stop_processes_under(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
