@@ -30,9 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
-from cskd_ray.cli import run_align_command, run_features_command, run_label_command, run_supervised_command
 from cskd_ray.data.demo import make_demo_data
 from cskd_ray.runtime import init_ray
+from cskd_ray.stage_runs import run_align_command, run_features_command, run_label_command, run_supervised_command
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo"
 

@@ -24,15 +24,15 @@ DEFAULT_DISTILL_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo" / "distill.yaml
 
 def run_demo(workdir: str = "runs/demo", num_images: int = 600, features_config: str | None = None) -> dict:
     """Generate demo data under ``workdir/data``, cache its CLIP features, write ``workdir/summary.json``."""
-    from cskd_ray.cli import (
+    from cskd_ray.data.demo import make_demo_data
+    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
+    from cskd_ray.report import write_report
+    from cskd_ray.stage_runs import (
         run_align_command,
         run_features_command,
         run_label_command,
         run_supervised_command,
     )
-    from cskd_ray.data.demo import make_demo_data
-    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
-    from cskd_ray.report import write_report
 
     start = time.perf_counter()
     data_dir = Path(workdir) / "data"

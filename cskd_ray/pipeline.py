@@ -67,7 +67,7 @@ def make_demo_inputs(cfg: PipelineConfig, say: Printer) -> None:
 
 def run_pipeline(cfg: PipelineConfig, say: Printer = print) -> dict[str, Any]:
     """Run every stage not in ``cfg.skip`` in order, skipping complete ones; returns and saves the summary."""
-    from cskd_ray.cli import run_align_command, run_features_command, run_label_command, run_supervised_command
+    from cskd_ray.stage_runs import run_align_command, run_features_command, run_label_command, run_supervised_command
 
     start, out = time.perf_counter(), cfg.output
     paths = {name: storage.join(out, name) for name in
