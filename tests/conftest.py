@@ -24,42 +24,24 @@ CONFIGS = REPO / "jobs" / "configs" / "demo"
 SHARED_LABELS = Path(os.environ.get("CSKD_SHARED_LABELS", REPO.parent / "shared" / "data" / "labels"))
 
 
-def _timeout_behind(exc: BaseException) -> BaseException | None:
-    """pytest-timeout's ``Failed`` when it is what ``exc`` hides, else None.
+def _unmask_timeout(item: pytest.Item):
+    """Report a timeout that Ray turned into a ``SystemError`` as the timeout it is.
 
-    When the timeout's SIGALRM lands while the main thread waits in ``ray.get``, Ray's signal check leaves the
+    When pytest-timeout's SIGALRM lands while the main thread waits in ``ray.get``, Ray's signal check leaves the
     ``Failed`` exception pending, and the next C call raises ``SystemError: <built-in method __new__ of type
     object> returned a result with an exception set`` with the timeout only as its cause (seen in
     test_tune's sweep, reproduced in isolation): a timed-out test looked like a Ray deserialisation bug.
     """
-    cause = exc.__cause__
-    if isinstance(exc, SystemError) and cause is not None and "Timeout" in str(cause):
-        return cause
-    return None
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item):
-    """Report a timeout that Ray turned into a ``SystemError`` as the timeout it is."""
     try:
         return (yield)
     except SystemError as exc:
-        timeout = _timeout_behind(exc)
-        if timeout is None:
+        if exc.__cause__ is None or "Timeout" not in str(exc.__cause__):
             raise
-        raise timeout from None
+        raise exc.__cause__ from None
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    """Report a timeout that Ray turned into a ``SystemError`` as the timeout it is."""
-    try:
-        return (yield)
-    except SystemError as exc:
-        timeout = _timeout_behind(exc)
-        if timeout is None:
-            raise
-        raise timeout from None
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_unmask_timeout)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_unmask_timeout)
 
 
 def _free_port() -> int:

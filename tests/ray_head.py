@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_processes import stop_processes_under
+from ray_processes import own_ray_env, stop_processes_under
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,24 +104,8 @@ class RayHead:
 
 def _start_head(temp_dir: Path) -> RayHead:
     """``ray start --head`` on 127.0.0.1: 2 CPUs, its own ports, ``temp_dir`` and token; waits for the Jobs API."""
-    token_file = temp_dir / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(
-        {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_file),
-            "HF_HUB_OFFLINE": "1",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            # Ray's memory monitor kills workers when the *machine* is nearly full, whoever uses the memory: on a
-            # shared CI box other processes' memory would fail this test's training stages (max_failures 0).
-            "RAY_memory_monitor_refresh_ms": "0",
-            # as tests/conftest.py sets for the session's Ray: Train controllers poll every 0.25 s, not 2 s
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        }
-    )
+    env = own_ray_env(temp_dir)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     dashboard = _free_port()
     ports = {
         "--port": _free_port(),

@@ -40,6 +40,33 @@ def processes_under(temp_dir: Path) -> set[int]:
     return found - {os.getpid()}
 
 
+def own_ray_env(token_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a Ray of our own (``ray start``, ``Cluster``) and of its drivers: this process's
+    environment without its ``RAY_*`` settings, token auth with a new token in ``token_dir``, no hub, and the
+    test session's Train settings. ``extra`` adds or overrides variables."""
+    import secrets
+
+    token_file = token_dir / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "HF_HUB_OFFLINE": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # Ray's memory monitor kills workers when the *machine* is nearly full, whoever uses the memory: on a
+            # shared CI box other processes' memory would fail these tests' training stages (max_failures 0).
+            "RAY_memory_monitor_refresh_ms": "0",
+            # as tests/conftest.py sets for the session's Ray: Train controllers poll every 0.25 s, not 2 s
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            **extra,
+        }
+    )
+    return env
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

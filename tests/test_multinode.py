@@ -12,8 +12,6 @@ child process (this file run as a script); the test reads what it reports.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray_processes import patient_node_startup, stop_processes_under
+from ray_processes import own_ray_env, patient_node_startup, stop_processes_under
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -195,21 +193,7 @@ def run_cluster(work: Path) -> dict:
 
 @pytest.mark.timeout(900)  # ~2 min on an idle 2-core machine; far longer when other jobs load it
 def test_features_score_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Path) -> None:
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(
-        {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token),
-            "HF_HUB_OFFLINE": "1",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # as tests/conftest.py sets for the session's Ray
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "RAY_memory_monitor_refresh_ms": "0",  # no kills for memory other processes on the machine use
-        }
-    )
+    env = own_ray_env(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120")
     done = subprocess.run(
         [sys.executable, __file__, str(tmp_path)],
         env=env,
