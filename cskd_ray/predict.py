@@ -2,8 +2,8 @@
 
 A :class:`Predictor` holds one scoring model (a teacher / distill ``output/model`` folder or an export
 folder, loaded by :func:`cskd_ray.models.saved.load_scoring_model`) on CUDA when there is one, else on the
-CPU. Images go through the ``score`` stage's own steps (:func:`cskd_ray.feature_tasks.read_decode_batch`
-and :class:`cskd_ray.labeling.ScoreActor`): bytes are read with :mod:`cskd_ray.storage`, decoded by
+CPU. Images go through the same steps as in the ``score`` stage (:func:`cskd_ray.feature_tasks.read_decode_batch`
+and :class:`cskd_ray.labeling.ScoreActor`, without Ray's dedup): bytes are read with :mod:`cskd_ray.storage`, decoded by
 :func:`~cskd_ray.data.decode.decode_image` (EXIF orientation, any mode to RGB, JPEG draft at the input
 size), resized and cropped by :func:`~cskd_ray.data.transforms.resize_crop`, normalised on the model's
 device and scored in batches, so a file gets the score ``cskd-ray score`` writes for it.
@@ -196,7 +196,7 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, pre
 
     Example::
 
-        model = cskd_ray.load("runs/demo/distill/model")
+        model = cskd_ray.load("runs/demo/student/model")
         model.score("photo.jpg")                # 5.73
         model.score([pil_image, numpy_image])   # [4.91, 6.02]
     """

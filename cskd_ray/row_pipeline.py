@@ -90,11 +90,6 @@ def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.
     return out.set_column(out.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))
 
 
-def _uri_blocks(table: pa.Table, rows_per_block: int) -> Any:
-    """A Ray dataset of ``table`` split into blocks, so map tasks run in parallel."""
-    return table_dataset(table, rows_per_block)
-
-
 def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type, actor_kwargs: dict,
             options: PipelineOptions, writer: ShardWriter) -> list[tuple[str, str]]:
     """Run the Ray Data pass; write computed rows; return the deferred ``(uri, sha256)`` pairs."""
@@ -112,7 +107,7 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
     # about 32 MiB (and the object store at ``object_store_mb``) so memory does not grow with the collection.
     max_rows = max(1, (32 << 20) // (3 * preprocess.image_size**2))
     block_rows = max(options.decode_batch_size, min(max_rows, len(pending) // 8 or 1))
-    ds = _uri_blocks(pa.table({"uri": pa.array(pending, pa.string())}), block_rows)
+    ds = table_dataset(pa.table({"uri": pa.array(pending, pa.string())}), block_rows)
     ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
                         num_cpus=options.decode_num_cpus,
                         fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
