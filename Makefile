@@ -36,10 +36,8 @@ test-fast: $(STAMP) ## The inner loop: every test not marked slow (no training r
 lint: $(STAMP) ## Check style with ruff
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) ## Run the benchmarks (ratios measured side by side; see docs/benchmarks.md)
-	$(PY) benchmarks/bench_features.py --extra-images 768
-	$(PY) benchmarks/bench_align.py
-	$(PY) benchmarks/bench_score.py
+bench: $(STAMP) ## Run the speed benchmarks (side-by-side ratios, machine load recorded); ends with a table of targets
+	$(PY) benchmarks/run_all.py
 
 clean: ## Remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

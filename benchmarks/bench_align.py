@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from machine import MachineLoad
 
 from cskd_ray.config import load_config
 from cskd_ray.data.transforms import normalize_batch
@@ -60,16 +61,18 @@ def main() -> None:
                for _ in range(args.batches)]
     epoch_seconds(task, batches[:1], None, clip.preprocess)  # warm-up
     cached, online = [], []
-    for repeat in range(args.repeats):
-        cached.append(epoch_seconds(task, batches, None, clip.preprocess))
-        online.append(epoch_seconds(task, batches, clip.model, clip.preprocess))
-        print(f"  repeat {repeat}: cached {cached[-1]:.2f} s, online CLIP {online[-1]:.2f} s per epoch of "
-              f"{args.batches * args.batch_size} images")
+    with MachineLoad() as load:
+        for repeat in range(args.repeats):
+            cached.append(epoch_seconds(task, batches, None, clip.preprocess))
+            online.append(epoch_seconds(task, batches, clip.model, clip.preprocess))
+            print(f"  repeat {repeat}: cached {cached[-1]:.2f} s, online CLIP {online[-1]:.2f} s per epoch of "
+                  f"{args.batches * args.batch_size} images")
     a, b = statistics.median(cached), statistics.median(online)
     images = args.batches * args.batch_size
     print(f"medians: cached {images / a:.1f} img/s, online {images / b:.1f} img/s "
           f"(student mobilenetv3_small_100, CLIP ViT-B-32 RANDOM weights, {os.cpu_count()} cores)")
-    print(f"RESULT align cached_vs_online={b / a:.2f}")
+    print(load.report.line())
+    print(f"RESULT align cached_vs_online={b / a:.2f} {load.report.result_fields()}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import MachineLoad
 from torch.utils.data import DataLoader, Dataset
 
 from cskd_ray.config import load_config
@@ -113,18 +114,22 @@ def main() -> None:
     init_ray()
     print(f"bench_features: {len(paths)} images at 224 px, CLIP {MODEL} with RANDOM weights, {os.cpu_count()} cores")
     piped, plain, cached = [], [], []
-    for repeat in range(args.repeats):
-        plain.append(dataloader_images_per_s(paths, args.batch_size))
-        output = str(work / f"features-{repeat}")
-        piped.append(pipeline_images_per_s(images, output, args.batch_size))
-        cached.append(pipeline_images_per_s(images, output, args.batch_size))
-        print(f"  repeat {repeat}: pipeline {piped[-1]:.1f} img/s, dataloader {plain[-1]:.1f} img/s, "
-              f"cached rerun {cached[-1]:.1f} img/s")
-    a, b, c = statistics.median(piped), statistics.median(plain), statistics.median(cached)
-    print(f"medians: (a) pipeline {a:.1f} img/s, (b) DataLoader(num_workers=2) {b:.1f} img/s, (c) cached {c:.1f} img/s")
-    if args.extra_images:
-        marginal_ratio(work, images, len(paths), args.extra_images, args.batch_size)
-    print(f"RESULT features pipeline_vs_dataloader={a / b:.3f} cached_speedup={c / a:.1f}")
+    with MachineLoad() as load:
+        for repeat in range(args.repeats):
+            plain.append(dataloader_images_per_s(paths, args.batch_size))
+            output = str(work / f"features-{repeat}")
+            piped.append(pipeline_images_per_s(images, output, args.batch_size))
+            cached.append(pipeline_images_per_s(images, output, args.batch_size))
+            print(f"  repeat {repeat}: pipeline {piped[-1]:.1f} img/s, dataloader {plain[-1]:.1f} img/s, "
+                  f"cached rerun {cached[-1]:.1f} img/s")
+        a, b, c = statistics.median(piped), statistics.median(plain), statistics.median(cached)
+        print(f"medians: (a) pipeline {a:.1f} img/s, (b) DataLoader(num_workers=2) {b:.1f} img/s, "
+              f"(c) cached {c:.1f} img/s")
+        if args.extra_images:
+            marginal_ratio(work, images, len(paths), args.extra_images, args.batch_size)
+    print(load.report.line())
+    print(f"RESULT features pipeline_vs_dataloader={a / b:.3f} cached_speedup={c / a:.1f} "
+          f"{load.report.result_fields()}")
 
 
 if __name__ == "__main__":

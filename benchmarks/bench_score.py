@@ -1,28 +1,33 @@
 """Benchmark of bulk scoring: student vs teacher, the Ray Data job vs a plain loop, memory vs collection size.
 
-On generated demo images at 224 px, random-initialised models (same compute as trained ones), CPU fp32:
+On generated demo images at 224 px, random-initialised models (same compute as trained ones), CPU fp32,
+measured side by side in one run at each collection size N (default 1,000 and 4,000; ``--sizes`` adds
+16,000 for the trend):
 
-  (a) images/s of the scoring job with the student (``mobilenetv3_small_100``) vs the teacher
-      (``vit_base_patch16_224``, ViT-B/16), same files, same job. Target >= 5. Reported end to end and in
-      steady state (rows after the first result batch / time from the first to the last result batch,
-      i.e. without the actor's start-up and model load, which a job over millions of images pays once);
-      the RESULT line uses the steady-state ratio.
   (b) the scoring job end to end (listing, read + sha256 + decode tasks, model actor, Parquet writes, on a
       local Ray already running) vs a plain single-process PyTorch loop over the same files (read, the same
       decode and preprocessing code, batched forward, all cores to torch; model construction included
-      on both sides), student model. Target >= 0.9.
-  (c) peak memory of scoring 4N vs N images with the student (default N = 1000), both through the same
-      local Ray after (b) has warmed it up (same idle workers before each run). A thread samples, every
-      0.2 s, the proportional set size (PSS, from ``/proc/<pid>/smaps_rollup``) summed over this process and
-      all its descendants: the raylet (which holds the object store), GCS, dashboard, the Ray Data
-      read/decode workers and the model actor. PSS splits shared pages (the object store's shared memory,
-      shared libraries) between the processes mapping them, so the sum is the tree's real footprint; the
-      RSS sum (which counts shared pages once per process) is printed alongside. Target <= 1.3.
+      on both sides), student model. Targets (issue 20): >= 0.7 at 1k, >= 0.9 at 4k and above.
+      Also the marginal (steady-state) rate of each side between two sizes, (N2 - N1) / (t(N2) - t(N1)):
+      what a job over millions of images runs at once its fixed start-up costs are paid. It agrees with the
+      execution times by construction (an earlier "steady" figure timed result batches as they reached the
+      driver, which arrive in bursts, and overstated the rate).
+  (c) peak memory of scoring the largest vs the smallest N with the student. A thread samples, every 0.2 s,
+      the proportional set size (PSS, from ``/proc/<pid>/smaps_rollup``) summed over this process and all
+      its descendants: the raylet (which holds the object store), GCS, dashboard, the Ray Data read/decode
+      workers and the model actor. PSS splits shared pages between the processes mapping them, so the sum is
+      the tree's real footprint; the RSS sum is printed alongside. Target <= 1.3 for 4x the images.
+  (a) marginal images/s of the scoring job with the student (``mobilenetv3_small_100``, from (b)) vs the
+      teacher (``vit_base_patch16_224``, ViT-B/16; jobs on T and 2T images). Target >= 5.
 
-The last line printed is ``RESULT score student_vs_teacher=<a> job_vs_loop=<b> memory_4k_vs_1k=<c>``.
+Every run also records how busy the rest of the machine was (``benchmarks/machine.py``): a run where other
+processes used more than 0.15 of a core on average is marked not comparable.
 
-Run: ``.venv/bin/python benchmarks/bench_score.py [--teacher-images 160] [--loop-images 1000]
-[--memory-images 1000]`` (Linux: reads /proc).
+The last line printed is ``RESULT score student_vs_teacher=<a> job_vs_loop_1k=<b1> job_vs_loop_4k=<b4>
+memory_4k_vs_1k=<c> load_other_cores=<x> comparable=<0|1>`` (one ``job_vs_loop_<N>`` per size).
+
+Run: ``.venv/bin/python benchmarks/bench_score.py [--sizes 1000 4000 [16000]] [--teacher-images 64]``
+(Linux: reads /proc).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import MachineLoad, process_tree
 
 from cskd_ray.data.decode import decode_image
 from cskd_ray.data.demo import make_demo_data
@@ -70,35 +76,26 @@ def write_manifest(path: Path, files: list[Path]) -> Path:
 
 
 def score_job(model: Path, manifest: Path, output: Path) -> dict:
-    """Run the scoring job (Ray already initialised) and time the arrival of result batches."""
-    from cskd_ray import row_pipeline
+    """Run the scoring job (Ray already initialised): images and wall seconds, end to end."""
     from cskd_ray.config import load_config
     from cskd_ray.scoring import run_score
 
-    arrivals: list[tuple[float, int]] = []
-    original = row_pipeline.ShardWriter.add
-
-    def add(self, rows):  # noqa: ANN001, ANN202 - timing hook for this benchmark only
-        arrivals.append((time.perf_counter(), len(rows)))
-        return original(self, rows)
-
     cfg = load_config("score", None, [f"model={model}", "batch_size=32"], input_uris=[str(manifest)],
                       output_uri=str(output))
-    row_pipeline.ShardWriter.add = add
     start = time.perf_counter()
-    try:
-        summary = run_score(cfg, progress=lambda line: None)
-    finally:
-        row_pipeline.ShardWriter.add = original
+    summary = run_score(cfg, progress=lambda line: None)
     seconds = time.perf_counter() - start
-    arrivals = [a for a in arrivals if a[1]]
-    steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0]) if len(arrivals) > 2 else 0.0
-    return {"images": summary["images_in"], "seconds": seconds, "end_to_end": summary["images_in"] / seconds,
-            "steady": steady}
+    return {"images": summary["images_in"], "seconds": seconds, "end_to_end": summary["images_in"] / seconds}
 
 
-def plain_loop(model_dir: Path, files: list[Path], batch_size: int = 32) -> float:
-    """Images/s of a single-process loop: read, decode, preprocess, batched forward (model load included)."""
+def marginal_rate(small: dict, large: dict) -> float:
+    """Steady-state images/s between two runs: (N2 - N1) / (t(N2) - t(N1)); NaN when noise swamps the difference."""
+    extra_seconds = large["seconds"] - small["seconds"]
+    return (large["images"] - small["images"]) / extra_seconds if extra_seconds > 0 else float("nan")
+
+
+def plain_loop(model_dir: Path, files: list[Path], batch_size: int = 32) -> dict:
+    """A single-process loop: read, decode, preprocess, batched forward (model load included)."""
     from cskd_ray.models.saved import load_scoring_model
 
     start = time.perf_counter()
@@ -113,26 +110,8 @@ def plain_loop(model_dir: Path, files: list[Path], batch_size: int = 32) -> floa
         if batch and (len(batch) == batch_size or i == len(files) - 1):
             scores.extend(scorer.predict(normalize_batch(np.stack(batch), scorer.preprocess))[0].tolist())
             batch = []
-    return len(files) / (time.perf_counter() - start)
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    seconds = time.perf_counter() - start
+    return {"images": len(files), "seconds": seconds, "end_to_end": len(files) / seconds}
 
 
 def _memory_kib(pid: int) -> tuple[int, int]:
@@ -153,7 +132,7 @@ class TreeMemory:
 
     def sample(self) -> tuple[int, int]:
         """(PSS, RSS) of the tree now, in KiB."""
-        totals = np.sum([_memory_kib(pid) for pid in _tree(os.getpid())], axis=0)
+        totals = np.sum([_memory_kib(pid) for pid in process_tree(os.getpid())], axis=0)
         return int(totals[0]), int(totals[1])
 
     def _loop(self) -> None:
@@ -173,14 +152,18 @@ class TreeMemory:
         self.thread.join()
 
 
+def _label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-images", type=int, default=160, help="images for (a)")
-    parser.add_argument("--loop-images", type=int, default=1000, help="images for (b)")
-    parser.add_argument("--memory-images", type=int, default=1000, help="N for (c): N vs 4N images")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000], help="collection sizes for (b), (c)")
+    parser.add_argument("--teacher-images", type=int, default=64, help="T for (a): the teacher scores T and 2T")
     args = parser.parse_args()
+    sizes = sorted(args.sizes)
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
-    total = max(4 * args.memory_images, args.loop_images, args.teacher_images)
+    total = max(sizes[-1], 2 * args.teacher_images)
     started = time.perf_counter()
     make_demo_data(work / "data", total, labeled_fraction=0.0, image_size=224, workers=2)
     files = sorted((work / "data" / "images").iterdir())
@@ -191,35 +174,34 @@ def main() -> None:
     from cskd_ray.runtime import init_ray
 
     init_ray()
-    loop_files = files[:args.loop_images]
-    loop_manifest = write_manifest(work / "loop.csv", loop_files)
-    job_b = score_job(student, loop_manifest, work / "loop-job")
-    loop = plain_loop(student, loop_files)
-    print(f"(b) {len(loop_files)} images: job {job_b['end_to_end']:.1f} img/s end to end "
-          f"({job_b['steady']:.1f} steady), plain loop {loop:.1f} img/s")
-
-    memory = {}
-    for n in (args.memory_images, 4 * args.memory_images):
-        manifest = write_manifest(work / f"memory-{n}.csv", files[:n])
-        with TreeMemory() as tree:
-            timing = score_job(student, manifest, work / f"memory-out-{n}")
-        memory[n] = tree.peak_pss
-        print(f"(c) {n} images: peak PSS of the process tree {tree.peak_pss / 1024:.0f} MiB (before the run "
-              f"{tree.base_pss / 1024:.0f} MiB; peak RSS sum {tree.peak_rss / 1024:.0f} MiB); job "
-              f"{timing['end_to_end']:.1f} img/s end to end")
-
-    a_manifest = write_manifest(work / "a.csv", files[:args.teacher_images])
-    a_student = score_job(student, a_manifest, work / "a-student")
-    a_teacher = score_job(teacher, a_manifest, work / "a-teacher")
-    ratio = a_student["end_to_end"] / a_teacher["end_to_end"]
-    print(f"(a) {args.teacher_images} images: student {a_student['end_to_end']:.1f} img/s end to end "
-          f"({a_student['steady']:.1f} steady), teacher {a_teacher['end_to_end']:.1f} img/s end to end "
-          f"({a_teacher['steady']:.1f} steady); end-to-end ratio {ratio:.2f}")
-
-    a = a_student["steady"] / a_teacher["steady"]
-    b = job_b["end_to_end"] / loop
-    c = memory[4 * args.memory_images] / memory[args.memory_images]
-    print(f"RESULT score student_vs_teacher={a:.2f} job_vs_loop={b:.3f} memory_4k_vs_1k={c:.3f}")
+    score_job(student, write_manifest(work / "warm.csv", files[:64]), work / "warm")  # Ray's workers, once
+    jobs, loops, memory = {}, {}, {}
+    with MachineLoad() as load:
+        for n in sizes:
+            manifest = write_manifest(work / f"n-{n}.csv", files[:n])
+            with TreeMemory() as tree:
+                jobs[n] = score_job(student, manifest, work / f"job-{n}")
+            memory[n] = tree.peak_pss
+            loops[n] = plain_loop(student, files[:n])
+            print(f"(b, c) {n} images: job {jobs[n]['end_to_end']:.1f} img/s, plain loop {loops[n]['end_to_end']:.1f}"
+                  f" img/s end to end (job_vs_loop {jobs[n]['end_to_end'] / loops[n]['end_to_end']:.3f}); job peak "
+                  f"PSS {tree.peak_pss / 1024:.0f} MiB (before {tree.base_pss / 1024:.0f} MiB; RSS sum "
+                  f"{tree.peak_rss / 1024:.0f} MiB)")
+        job_rate, loop_rate = marginal_rate(jobs[sizes[0]], jobs[sizes[-1]]), marginal_rate(loops[sizes[0]],
+                                                                                             loops[sizes[-1]])
+        print(f"marginal {sizes[0]} -> {sizes[-1]} images: job {job_rate:.1f} img/s, plain loop {loop_rate:.1f} "
+              f"img/s (steady-state job_vs_loop {job_rate / loop_rate:.3f})")
+        t = args.teacher_images
+        teacher_runs = [score_job(teacher, write_manifest(work / f"t-{n}.csv", files[:n]), work / f"teacher-{n}")
+                        for n in (t, 2 * t)]
+        teacher_rate = marginal_rate(*teacher_runs)
+        print(f"(a) marginal: student job {job_rate:.1f} img/s, teacher job {teacher_rate:.2f} img/s ({t} -> {2 * t}"
+              f" images); end to end at {t}: teacher {teacher_runs[0]['end_to_end']:.2f} img/s")
+    print(load.report.line())
+    ratios = " ".join(f"job_vs_loop_{_label(n)}={jobs[n]['end_to_end'] / loops[n]['end_to_end']:.3f}" for n in sizes)
+    growth = f"memory_{_label(sizes[-1])}_vs_{_label(sizes[0])}={memory[sizes[-1]] / memory[sizes[0]]:.3f}"
+    print(f"RESULT score student_vs_teacher={job_rate / teacher_rate:.2f} {ratios} {growth} "
+          f"{load.report.result_fields()}")
 
 
 if __name__ == "__main__":

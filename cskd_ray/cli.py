@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``cskd-ray``: one subcommand per stage; each parses arguments and calls one driver function.
 
 Errors a user can fix (a bad config, argument, path or model name) exit with status 2 and one
@@ -7,21 +8,18 @@ Errors a user can fix (a bad config, argument, path or model name) exit with sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from cskd_ray import storage
-from cskd_ray.config import ConfigError
-from cskd_ray.stage_runs import (
-    run_align_command,
-    run_features_command,
-    run_label_command,
-    run_supervised_command,
-)
+from cskd_ray import cli_help, stage_runs, storage
+from cskd_ray.config import STAGE_CONFIGS, ConfigError
 
 EXIT_USAGE = 2
+STAGE_COMMANDS = ("features", "align", "teacher", "label", "distill")
 
 
 def package_version() -> str:
@@ -54,19 +52,28 @@ def _add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="URI", help="override the config's output URI")
 
 
+def _command(sub: argparse._SubParsersAction, name: str, parent: str = "") -> argparse.ArgumentParser:
+    """Add subcommand ``name`` with its one-line help and examples from :mod:`cskd_ray.cli_help`."""
+    key = f"{parent} {name}".strip()
+    line = cli_help.COMMANDS[key][0]
+    return sub.add_parser(name, help=line, description=line[0].upper() + line[1:] + ".", epilog=cli_help.epilog(key),
+                          formatter_class=cli_help.HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cskd-ray`` (also used by ``jobs/*.py``)."""
-    parser = argparse.ArgumentParser(prog="cskd-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cskd-ray", description=cli_help.DESCRIPTION, epilog=cli_help.EPILOG,
+                                     formatter_class=cli_help.HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    demo = sub.add_parser("demo", help="generate demo data and run the pipeline on a local Ray")
+    demo = _command(sub, "demo")
     demo.add_argument("--workdir", default="runs/demo", help="where data and outputs go (default runs/demo)")
     demo.add_argument("--num-images", type=int, default=600)
     demo.add_argument("--config", default=None, help="features config (default jobs/configs/demo/features.yaml)")
 
-    data = sub.add_parser("make-demo-data", help="generate photo-like images with AVA-style labels")
+    data = _command(sub, "make-demo-data")
     data.add_argument("--output", required=True)
     data.add_argument("--num-images", type=int, default=1000)
     data.add_argument("--labeled-fraction", type=float, default=0.1)
@@ -74,23 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=128)
     data.add_argument("--num-corrupt", type=int, default=0, help="add this many broken files")
 
-    features = sub.add_parser("features", help="cache CLIP features of images (Ray Data)")
-    _add_stage_args(features)
-    align = sub.add_parser("align", help="phase 1: align a timm encoder to cached CLIP features (Ray Train)")
-    _add_stage_args(align)
-    teacher = sub.add_parser("teacher", help="phase 2a: train the teacher (aligned encoder + head) on labels")
-    _add_stage_args(teacher)
-    label = sub.add_parser("label", help="phase 2b: the teacher pseudo-labels the unlabeled images (Ray Data)")
-    _add_stage_args(label)
-    distill = sub.add_parser("distill", help="phase 2c: the student learns from labels and pseudo-labels")
-    _add_stage_args(distill)
-    tune = sub.add_parser("tune", help="Ray Tune sweep of align, teacher or distill over any config keys (ASHA)")
-    _add_stage_args(tune)
-    tune.add_argument("--resume", action="store_true", help="continue the sweep in the output folder")
-    pipeline = sub.add_parser("pipeline", help="every stage in order as one job, complete stages skipped")
-    _add_stage_args(pipeline)
+    stages = {name: _command(sub, name) for name in STAGE_COMMANDS + ("tune", "pipeline")}
+    for stage_parser in stages.values():
+        _add_stage_args(stage_parser)
+    stages["tune"].add_argument("--resume", action="store_true", help="continue the sweep in the output folder")
 
-    evaluate = sub.add_parser("evaluate", help="SRCC / KRCC / PLCC / accuracy / EMD of a model on labeled images")
+    evaluate = _command(sub, "evaluate")
     evaluate.add_argument("--model", required=True, help="model folder (teacher's output/model)")
     evaluate.add_argument("--labels", required=True, metavar="FMT:PATH", help="e.g. ava:AVA.txt or tad66k:test.csv")
     evaluate.add_argument("--images", default=None, metavar="ROOT", help="folder or s3:// prefix of the images")
@@ -99,20 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, default=None, help="accuracy threshold (default: 5 for AVA)")
     evaluate.add_argument("--output", default=None, help="where scores and metrics.json go (default MODEL/../evaluate)")
 
-    diagnose = sub.add_parser("diagnose", help="attention distance / entropy of a ViT before and after alignment")
+    diagnose = _command(sub, "diagnose")
     diagnose.add_argument("--model", required=True, help="aligned model folder (align's output/model)")
     diagnose.add_argument("--images", required=True, nargs="+", metavar="URI",
                           help="folders, prefixes, globs or manifests")
     diagnose.add_argument("--max-images", type=int, default=32)
     diagnose.add_argument("--output", default=None, help="where diagnose.json/.png go (default MODEL/../diagnose)")
 
-    report = sub.add_parser("report", help="one self-contained HTML page of a run: metrics, curves, galleries")
+    report = _command(sub, "report")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (e.g. runs/demo) or one stage's output")
     report.add_argument("--output", default=None, help="where the HTML goes (default RUN_DIR/report.html)")
     report.add_argument("--top", type=int, default=8, help="images in each top / bottom gallery (default 8)")
 
-    score = sub.add_parser("score", help="bulk-score any collection with a trained or exported model (Ray Data)")
-    score.add_argument("--model", required=True, help="model folder (teacher/distill output/model) or export folder")
+    score = _command(sub, "score")
+    score.add_argument("--model", required=True, help="model folder (teacher/distill output/model), export folder "
+                       "or hf-hub:org/name[@revision]")
     score.add_argument("--input", required=True, nargs="+", metavar="URI",
                        help="folders, prefixes, globs or manifests (local or s3://)")
     score.add_argument("--output", required=True, metavar="URI", help="score table (Parquet folder or s3:// prefix)")
@@ -125,23 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a score config key, repeatable")
 
-    predict = sub.add_parser("predict", help="score a few images in this process (no Ray): path<TAB>score a line")
-    predict.add_argument("model", metavar="MODEL", help="model folder (teacher/distill output/model) or export folder")
+    predict = _command(sub, "predict")
+    predict.add_argument("model", metavar="MODEL", help="model folder (teacher/distill output/model), export folder "
+                         "or hf-hub:org/name[@revision]")
     predict.add_argument("images", nargs="+", metavar="IMG",
                          help="image files, folders, globs or URIs (local or s3://); - reads one a line from stdin")
     predict.add_argument("--json", action="store_true", help="one JSON object a line, with the distribution")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     predict.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
-    export = sub.add_parser("export", help="export a scoring model to ONNX or TorchScript, verified against PyTorch")
+    push = _command(sub, "push")
+    push.add_argument("model", metavar="MODEL", help="model folder (teacher/distill output/model), local or s3://")
+    push.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub model repository (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    push.add_argument("--local-dir", default=None, metavar="DIR", help="only write the Hub folder here (no network)")
+    push.add_argument("--license", default="unknown", help="the model card's license id (default unknown), e.g. "
+                      "apache-2.0 or cc-by-nc-4.0: check your training data's terms")
+    push.add_argument("--metrics", default=None, metavar="FILE", help="metrics.json of cskd-ray evaluate for the card "
+                      "(default: found next to MODEL)")
+
+    export = _command(sub, "export")
     export.add_argument("--model", required=True, help="model folder (teacher/distill output/model)")
     export.add_argument("--format", required=True, metavar="FORMAT", help="onnx or torchscript")
     export.add_argument("--output", required=True, metavar="PATH", help="export folder (local or s3://)")
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
 
-    models = sub.add_parser("list-models", help="list CLIP models or timm encoders")
+    models = _command(sub, "list-models")
     models.add_argument("kind", choices=["clip", "encoders"])
     models.add_argument("--pattern", default="", help="glob filter, e.g. 'mobilenet*'")
+
+    config = _command(sub, "config").add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    _command(config, "show", parent="config").add_argument(
+        "stage", metavar="STAGE", help=f"a stage with a config: {', '.join(STAGE_CONFIGS)}")
     return parser
 
 
@@ -158,66 +171,27 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_features(args: argparse.Namespace) -> int:
-    """``cskd-ray features CONFIG``."""
-    run_features_command(args.config, args.overrides, args.input, args.output)
-    return 0
-
-
-def cmd_align(args: argparse.Namespace) -> int:
-    """``cskd-ray align CONFIG``."""
-    run_align_command(args.config, args.overrides, args.input, args.output)
-    return 0
-
-
-def cmd_teacher(args: argparse.Namespace) -> int:
-    """``cskd-ray teacher CONFIG``."""
-    run_supervised_command("teacher", args.config, args.overrides, args.input, args.output)
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    """``cskd-ray distill CONFIG``."""
-    run_supervised_command("distill", args.config, args.overrides, args.input, args.output)
-    return 0
-
-
-def cmd_label(args: argparse.Namespace) -> int:
-    """``cskd-ray label CONFIG``."""
-    run_label_command(args.config, args.overrides, args.input, args.output)
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``cskd-ray features|align|teacher|label|distill CONFIG``: run one stage (:mod:`cskd_ray.stage_runs`)."""
+    if args.command in ("teacher", "distill"):
+        stage_runs.run_supervised_command(args.command, args.config, args.overrides, args.input, args.output)
+    else:
+        runner = {"features": stage_runs.run_features_command, "align": stage_runs.run_align_command,
+                  "label": stage_runs.run_label_command}
+        runner[args.command](args.config, args.overrides, args.input, args.output)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``cskd-ray evaluate --model M --labels FMT:PATH``: print a metrics table, write metrics.json."""
-    import os
+    """``cskd-ray evaluate --model M --labels FMT:PATH``: see :func:`cskd_ray.evaluation.run_evaluate_command`."""
+    from cskd_ray.evaluation import run_evaluate_command
 
-    from cskd_ray.data.labels import LABEL_FORMATS
-
-    fmt, sep, path = args.labels.partition(":")
-    if not sep or fmt not in LABEL_FORMATS:
-        raise ConfigError(f"--labels {args.labels!r}: expected FMT:PATH with FMT one of {', '.join(LABEL_FORMATS)}")
-    from cskd_ray.evaluation import EvaluationRequest, evaluate_model, format_table
-    from cskd_ray.models.saved import describe_scoring_model
-    from cskd_ray.runtime import init_ray
-
-    model = os.path.abspath(args.model) if "://" not in args.model else args.model
-    describe_scoring_model(model)
-    absolute = [os.path.abspath(p) if p and "://" not in p else p for p in (path, args.images, args.test_list)]
-    output = args.output or storage.join(model.rstrip("/").rsplit("/", 1)[0], "evaluate")
-    request = EvaluationRequest(model, fmt, absolute[0], output if "://" in output else os.path.abspath(output),
-                                absolute[1], absolute[2], args.split, args.threshold)
-    init_ray()
-    report = evaluate_model(request)
-    print(format_table(report))
-    print(f"evaluate: metrics at {storage.join(request.output, 'metrics.json')}")
+    run_evaluate_command(args.model, args.labels, args.output, args.images, args.test_list, args.split, args.threshold)
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """``cskd-ray diagnose``: per-layer attention statistics before and after alignment, as JSON and PNG."""
-    import os
-
     from cskd_ray.diagnose import run_diagnose
 
     model = os.path.abspath(args.model) if "://" not in args.model else args.model
@@ -296,9 +270,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _absolute(uri: str) -> str:
-    import os
+    return uri if "://" in uri or uri.startswith("hf-hub:") else os.path.abspath(os.path.expanduser(uri))
 
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``cskd-ray push MODEL --repo ORG/NAME``: see :func:`cskd_ray.models.hub.push_model`."""
+    from cskd_ray.models.hub import push_model
+
+    result = push_model(_absolute(args.model), args.repo, private=args.private, revision=args.revision,
+                        local_dir=args.local_dir and _absolute(args.local_dir), license=args.license,
+                        metrics=args.metrics and _absolute(args.metrics))
+    print(result.summary())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``cskd-ray config show STAGE``: see :mod:`cskd_ray.config_docs`."""
+    from cskd_ray.config_docs import render_stage_config
+
+    print(render_stage_config(args.stage))
+    return 0
 
 
 def cmd_list_models(args: argparse.Namespace) -> int:
@@ -330,16 +321,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, "features": cmd_features,
-            "align": cmd_align, "teacher": cmd_teacher, "label": cmd_label, "distill": cmd_distill,
-            "evaluate": cmd_evaluate, "diagnose": cmd_diagnose, "pipeline": cmd_pipeline,
-            "score": cmd_score, "predict": cmd_predict, "export": cmd_export,
-            "list-models": cmd_list_models, "report": cmd_report, "tune": cmd_tune}
+COMMANDS = {"demo": cmd_demo, "make-demo-data": cmd_make_demo_data, **dict.fromkeys(STAGE_COMMANDS, cmd_stage),
+            "evaluate": cmd_evaluate, "diagnose": cmd_diagnose, "pipeline": cmd_pipeline, "score": cmd_score,
+            "predict": cmd_predict, "push": cmd_push, "export": cmd_export, "list-models": cmd_list_models,
+            "report": cmd_report, "tune": cmd_tune, "config": cmd_config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cskd-ray`` and ``jobs/*.py``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    with contextlib.suppress(ImportError):  # shell completion, when the optional argcomplete package is installed
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cskd_ray.data.decode import DEFAULT_MAX_PIXELS
+from cskd_ray.tracking import TrackingConfig
 
 
 def _single_input(value: Any) -> Any:
@@ -74,7 +75,7 @@ class ImagePassConfig(StrictModel):
         "into the actors (it then overlaps model start-up and compute)."
     )
     concurrency: int = Field(1, ge=1, description="Number of model actors.")
-    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each model actor.")
     num_gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs.")
     torch_threads: int = Field(0, ge=0, description="CPU threads per actor; 0: the machine's cores / actors.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU.")
@@ -98,8 +99,8 @@ class ImagePassConfig(StrictModel):
 class FeaturesConfig(ImagePassConfig):
     """The features stage: sources → decode → CLIP actors → Parquet feature cache."""
 
-    clip: ClipConfig = Field(default_factory=ClipConfig)
-    feature_dtype: Literal["float16", "float32"] = "float16"
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="The frozen CLIP image encoder.")
+    feature_dtype: Literal["float16", "float32"] = Field("float16", description="How cached features are stored.")
     tokens: bool = Field(
         False, description="Also store CLIP's patch-token map (grid² × width values per image) for the "
         "smooth_l1_tokens alignment; ViT CLIP models only. ViT-L-14 at 224 px: 256 × 1024 values, 512 KiB per "
@@ -127,7 +128,13 @@ class EncoderConfig(StrictModel):
 
     name: str = Field("test_vit", description="Any timm model name (see cskd-ray list-models encoders).")
     pretrained: bool | str = Field(False, description="false: random; true: timm's weights; or a checkpoint path/URI.")
-    projection: Literal["linear", "mlp"] = "linear"
+    projection: Literal["linear", "mlp"] = Field(
+        "linear", description="Projection head P into CLIP's space: linear, or a 2-layer MLP with GELU.")
+
+
+TRAIN_DESCRIPTION = "How training runs: Ray Train workers, optimiser, checkpoints."
+DECODE_BATCH_DESCRIPTION = "Images per decode task batch."
+MAX_PIXELS_DESCRIPTION = "Larger images are refused (decompression bombs)."
 
 
 class TrainerConfig(StrictModel):
@@ -139,24 +146,29 @@ class TrainerConfig(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed on nodes (Ray placement group strategy); SPREAD: one per node "
         "where possible.")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many steps in total (the LR schedule still spans all epochs)."
     )
     batch_size: int = Field(32, ge=1, description="Global batch size (split evenly across workers).")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup, then cosine decay to zero.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 turns clipping off.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (one is also kept at the end).")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best by val_srcc when the stage "
+                                  "validates, else the latest.")
     max_failures: int = Field(0, ge=0, description="Worker failures to recover from (restart from checkpoint).")
     shuffle: bool = Field(True, description="Shuffle within a local buffer each epoch (seeded).")
     deterministic: bool = Field(
-        False, description="Keep Ray Data's row order (slower ingest) so a run can be repeated bit for bit."
+        False, description="Keep Ray Data's row order (slower ingest) so a run can be repeated bit for bit, and a "
+        "resumed run sees exactly the batches it had not trained on yet."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of weights initialisation, shuffling and sampling.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking of this run and of Tune sweeps over it "
+        "(MLflow or W&B; off by default), see cskd_ray.tracking.")
 
 
 class AlignConfig(StrictModel):
@@ -164,14 +176,14 @@ class AlignConfig(StrictModel):
 
     input: str = Field(description="Feature cache URI written by the features stage.")
     output: str = Field(description="Run folder: checkpoints under train/, the aligned model under model/.")
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="The student encoder to align.")
     loss: Literal["cosine", "mse", "smooth_l1_tokens"] = Field(
         "cosine", description="Alignment loss (cskd_ray.losses); smooth_l1_tokens needs a cache written with "
         "tokens: true and a ViT encoder whose token grid matches CLIP's.")
     token_beta: float = Field(2.0, gt=0, description="β of smooth_l1_tokens.")
-    train: TrainerConfig = Field(default_factory=TrainerConfig)
-    decode_batch_size: int = Field(32, ge=1)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    train: TrainerConfig = Field(default_factory=TrainerConfig, description=TRAIN_DESCRIPTION)
+    decode_batch_size: int = Field(32, ge=1, description=DECODE_BATCH_DESCRIPTION)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_DESCRIPTION)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -182,7 +194,8 @@ class AlignConfig(StrictModel):
 class LabelsConfig(StrictModel):
     """Where the labels are and how to read them (see ``cskd_ray.data.labels.load_labels``)."""
 
-    format: Literal["ava", "aadb", "para", "tad66k", "koniq", "spaq", "csv", "parquet"] = "ava"
+    format: Literal["ava", "aadb", "para", "tad66k", "koniq", "spaq", "csv", "parquet"] = Field(
+        "ava", description="Label file format (cskd_ray.data.labels).")
     images_root: str | None = Field(None, description="Folder or s3:// prefix the label file's names are under.")
     test_list: str | None = Field(None, description="AVA: the official test list (image ids), gives the split.")
     val_split: str = Field("test", description="Rows of this split validate; all other rows train.")
@@ -195,15 +208,15 @@ class TeacherConfig(StrictModel):
     input: str = Field(description="Label file (local path or s3:// URI) in `labels.format`.")
     output: str = Field(description="Run folder: checkpoints under train/, the best model under model/.")
     aligned: str | None = Field(None, description="Aligned model folder (align's output/model); null: `encoder`.")
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="The encoder when `aligned` is null.")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="How to read the label file.")
     head: Literal["auto", "distribution", "scalar"] = Field(
         "auto", description="auto: a distribution head when the labels have distributions."
     )
-    dropout: float = Field(0.0, ge=0, lt=1)
-    train: TrainerConfig = Field(default_factory=TrainerConfig)
-    decode_batch_size: int = Field(32, ge=1)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the aesthetic head's linear layer.")
+    train: TrainerConfig = Field(default_factory=TrainerConfig, description=TRAIN_DESCRIPTION)
+    decode_batch_size: int = Field(32, ge=1, description=DECODE_BATCH_DESCRIPTION)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_DESCRIPTION)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -250,7 +263,7 @@ class DistillConfig(TeacherConfig):
                                                               "augmented unlabeled images.")
     teacher_model: str | None = Field(None, description="The teacher's model folder (teacher's output/model); "
                                                          "needed when consistency_weight > 0.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Strong view of the consistency term.")
     extra_teachers: list[ExtraTeacherConfig] = Field(
         default_factory=list, description="Extra frozen feature teachers, each with its own P_t and weight w_t.")
 
@@ -275,11 +288,11 @@ class DemoDataConfig(StrictModel):
     """Generate demo data into ``output`` first (skipped when it is already there)."""
 
     output: str = Field(description="Folder for the demo images, AVA.txt, test.jpgl and manifests.")
-    num_images: int = Field(200, ge=10)
-    labeled_fraction: float = Field(0.25, gt=0, lt=1)
-    image_size: int = Field(64, ge=32)
-    num_corrupt: int = Field(3, ge=0)
-    seed: int = 0
+    num_images: int = Field(200, ge=10, description="Images to generate.")
+    labeled_fraction: float = Field(0.25, gt=0, lt=1, description="Share of the images that get labels.")
+    image_size: int = Field(64, ge=32, description="Side of the generated images in pixels.")
+    num_corrupt: int = Field(3, ge=0, description="Broken files added (they must become error rows).")
+    seed: int = Field(0, description="Seed of the generated images and labels.")
 
 
 class PipelineConfig(StrictModel):
@@ -291,7 +304,7 @@ class PipelineConfig(StrictModel):
     input: list[str] = Field(description="Unlabeled images: folders, prefixes, globs or manifests.")
     output: str = Field(description="Run folder; each stage writes to a sub-folder named after it.")
     label_file: str = Field(description="Label file for teacher, distill and evaluate (in labels.format).")
-    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="How to read `label_file`.")
     score_input: list[str] | None = Field(None, description="Images to bulk-score; null: `input`.")
     demo_data: DemoDataConfig | None = Field(None, description="Generate demo data before the first stage.")
     stages: dict[Literal[PIPELINE_STAGES], PipelineStageConfig] = Field(  # type: ignore[valid-type]
@@ -343,7 +356,7 @@ class SearchDimension(StrictModel):
 class SchedulerConfig(StrictModel):
     """When trials stop: ``asha`` stops the weaker ones at rungs of reports; ``fifo`` runs every trial to its end."""
 
-    kind: Literal["asha", "fifo"] = "asha"
+    kind: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials early; fifo: run all to the end.")
     grace_period: int = Field(1, ge=1, description="Reports (validation checkpoints) every trial gets before a stop.")
     reduction_factor: float = Field(2.0, gt=1, description="At each rung only the best 1/reduction_factor go on.")
     max_t: int = Field(10_000, ge=1, description="ASHA stops any trial after this many reports.")
@@ -364,8 +377,8 @@ class TuneConfig(StrictModel):
     search: dict[str, SearchDimension] = Field(
         min_length=1, description="Dotted stage-config key → domain, e.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}.")
     metric: str | None = Field(None, description="Reported metric to rank by; null: cosine for align, else val_srcc.")
-    mode: Literal["max", "min"] = "max"
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or a lower `metric` is better.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="When trials stop.")
     num_samples: int = Field(4, ge=1, description="Samples of the space (each grid point is sampled this often).")
     max_concurrent: int | None = Field(
         None, ge=1, description="null: cluster CPUs / (workers × cpus_per_worker + data_cpus_per_trial), and GPUs.")
@@ -518,7 +531,10 @@ def _absolutize(node: Any) -> None:
 
 
 def _absolute(uri: str) -> str:
-    return os.path.abspath(os.path.expanduser(uri)) if uri and "://" not in uri else uri
+    """A local path made absolute; URIs (``s3://...``) and Hub models (``hf-hub:org/name``) are kept as given."""
+    if not uri or "://" in uri or uri.startswith("hf-hub:"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def dump_config(cfg: BaseModel) -> str:

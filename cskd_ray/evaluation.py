@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, load_config
-from cskd_ray.data.labels import load_labels
+from cskd_ray.data.labels import LABEL_FORMATS, load_labels
 from cskd_ray.feature_cache import ResultTable
 from cskd_ray.labeling import LABEL_SCHEMA, run_label
 from cskd_ray.metrics import evaluate_scores
@@ -113,3 +115,40 @@ def format_table(report: dict[str, Any]) -> str:
         shown = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def run_evaluate_command(model: str, labels: str, output: str | None = None, images: str | None = None,
+                         test_list: str | None = None, split: str | None = None, threshold: float | None = None,
+                         printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """``cskd-ray evaluate``: check the arguments, start (or join) Ray, evaluate, print the metrics table.
+
+    Args:
+        model: A model or export folder (local paths are made absolute for the Ray workers).
+        labels: ``FMT:PATH``, e.g. ``ava:AVA.txt`` (see :data:`cskd_ray.data.labels.LABEL_FORMATS`).
+        output: Where scores and ``metrics.json`` go; None: ``MODEL/../evaluate``.
+        images: Folder or s3:// prefix the label file's names are under.
+        test_list: AVA's official test list (gives the split).
+        split: Evaluate only rows of this split.
+        threshold: Accuracy threshold; None: 5 for 10-bin labels, else the midpoint of the label range.
+        printer: Receives the metrics table and the path of ``metrics.json``.
+
+    Raises:
+        ConfigError: If ``labels`` is not ``FMT:PATH`` with a known format.
+    """
+    from cskd_ray.models.saved import describe_scoring_model
+    from cskd_ray.runtime import init_ray
+
+    fmt, sep, path = labels.partition(":")
+    if not sep or fmt not in LABEL_FORMATS:
+        raise ConfigError(f"--labels {labels!r}: expected FMT:PATH with FMT one of {', '.join(LABEL_FORMATS)}")
+    model, path, images, test_list = (p if not p or "://" in p else os.path.abspath(p)
+                                      for p in (model, path, images, test_list))
+    describe_scoring_model(model)
+    output = output or storage.join(model.rstrip("/").rsplit("/", 1)[0], "evaluate")
+    request = EvaluationRequest(model, fmt, path, output if "://" in output else os.path.abspath(output), images,
+                                test_list, split, threshold)
+    init_ray()
+    report = evaluate_model(request)
+    printer(format_table(report))
+    printer(f"evaluate: metrics at {storage.join(request.output, 'metrics.json')}")
+    return report

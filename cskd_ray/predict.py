@@ -75,14 +75,16 @@ class Predictor:
     """A loaded scoring model that scores paths, URIs, PIL images and numpy arrays (see the module doc).
 
     Args:
-        model: A model folder written by teacher / distill, or an export folder (local path or s3://).
+        model: A model folder written by teacher / distill, or an export folder (local path or s3://), or a
+            model pushed to the Hugging Face Hub, ``hf-hub:org/name[@revision]`` (:mod:`cskd_ray.models.hub`).
         device: ``cuda``, ``cpu``, ...; default CUDA when available, else CPU.
         precision: ``auto`` (fp16 on CUDA, fp32 on CPU, as ``cskd-ray score``), ``fp32``, ``fp16``, ``bf16``.
         batch_size: Images per forward pass.
         max_pixels: Larger images are refused before decoding (decompression bombs).
 
     Raises:
-        WeightsUnavailableError: If ``model`` is not a model or export folder.
+        WeightsUnavailableError: If ``model`` is not a model or export folder, or a Hub model cannot be fetched
+            (:class:`cskd_ray.models.hub.HubError`: offline and not cached, no such repository).
         ValueError: If ``batch_size`` < 1.
     """
 
@@ -196,7 +198,7 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, pre
 
     Example::
 
-        model = cskd_ray.load("runs/demo/student/model")
+        model = cskd_ray.load("runs/demo/student/model")   # or "hf-hub:org/name"
         model.score("photo.jpg")                # 5.73
         model.score([pil_image, numpy_image])   # [4.91, 6.02]
     """

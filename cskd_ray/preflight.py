@@ -37,12 +37,14 @@ def _uri_fields(node: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def check_uri_schemes(cfg: BaseModel) -> None:
-    """Every URI field must be a local path, ``file://`` or ``s3://`` (with a bucket).
+    """Every URI field must be a local path, ``file://`` or ``s3://`` (with a bucket); ``model`` may be a Hub model.
 
     Raises:
         ConfigError: Naming the key, the URI and the accepted forms.
     """
     for key, uri in _uri_fields(cfg):
+        if key == "model" and uri.startswith("hf-hub:"):
+            continue  # hf-hub:org/name[@revision] (cskd_ray.models.hub), checked when the model is described
         try:
             storage.resolve(uri)
         except storage.StorageError as exc:

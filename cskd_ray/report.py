@@ -34,11 +34,8 @@ import yaml
 
 from cskd_ray import report_plots, storage
 from cskd_ray.config import ConfigError
+from cskd_ray.report_tables import html_table, metrics_section
 
-STAGE_METRICS = (("val_srcc", "val SRCC"), ("val_plcc", "val PLCC"), ("val_accuracy", "val accuracy"),
-                 ("val_emd", "val EMD"), ("loss", "last loss"), ("cosine", "cosine"))
-EVAL_METRICS = (("images", "images"), ("scored", "scored"), ("errors", "errors"), ("srcc", "SRCC"),
-                ("plcc", "PLCC"), ("accuracy", "accuracy"), ("emd", "EMD"))
 MAX_TRIAL_ROWS = 200
 MAX_CURVES = 12  # training-curve figures; a sweep's trials would otherwise add one each
 
@@ -128,50 +125,6 @@ def read_scores(contents: RunContents, folder: str) -> pa.Table:
 def _img(data: bytes, mime: str, alt: str, css: str = "") -> str:
     encoded = base64.b64encode(data).decode("ascii")
     return f'<img class="{css}" alt="{html.escape(alt)}" src="data:{mime};base64,{encoded}">'
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f'<td class="num" data-value="{value!r}">{value:.4f}</td>'
-    if isinstance(value, int):
-        return f'<td class="num" data-value="{value}">{value}</td>'
-    return f"<td>{html.escape('' if value is None else str(value))}</td>"
-
-
-def _table(header: list[str], rows: list[tuple[str, list[Any]]], css: str) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(f'<tr data-row="{html.escape(key)}">' + "".join(_cell(v) for v in values) + "</tr>"
-                   for key, values in rows)
-    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _stage_kind(description: dict) -> str:
-    config, stage = description.get("config", {}), description.get("stage", "?")
-    if stage == "distill":
-        return f"distill (kd_weight {config.get('kd_weight')}, feat_weight {config.get('feat_weight')})"
-    return stage
-
-
-def metrics_section(c: RunContents) -> str | None:
-    """Best-checkpoint metrics of every training stage, and every evaluation's metrics."""
-    parts = []
-    if c.stages:
-        rows = [(folder or ".", [folder or ".", _stage_kind(d), d.get("step"),
-                                 *[d.get("metrics", {}).get(k) for k, _ in STAGE_METRICS]])
-                for folder, d in sorted(c.stages.items())]
-        parts.append("<h3>Training stages (the exported checkpoint)</h3>" + _table(
-            ["stage", "kind", "step", *[label for _, label in STAGE_METRICS]], rows, "metrics stages"))
-    if c.evaluations:
-        rows = [(folder, [folder, m.get("model_id") or m.get("model"), m.get("split"),
-                          *[m.get(k) for k, _ in EVAL_METRICS]]) for folder, m in sorted(c.evaluations.items())]
-        parts.append("<h3>Evaluations</h3>" + _table(
-            ["evaluation", "model", "split", *[label for _, label in EVAL_METRICS]], rows, "metrics evaluations"))
-    if c.summary and "total_seconds" in c.summary:
-        rates = {k: v["images_per_s"] for k, v in c.summary.items() if isinstance(v, dict) and "images_per_s" in v}
-        rows = [("total_seconds", ["total seconds", float(c.summary["total_seconds"])])]
-        rows += [(f"{k}_images_per_s", [f"{k} images/s", float(v)]) for k, v in rates.items()]
-        parts.append("<h3>Run summary (summary.json)</h3>" + _table(["", "value"], rows, "metrics summary"))
-    return "".join(parts) or None
 
 
 def curves_section(c: RunContents) -> str | None:
@@ -270,7 +223,7 @@ def trials_section(c: RunContents) -> str | None:
         shown = table.slice(0, MAX_TRIAL_ROWS).to_pylist()
         rows = [(str(i), list(row.values())) for i, row in enumerate(shown)]
         more = f"<p class='note'>first {MAX_TRIAL_ROWS} of {len(table)} trials</p>" if len(table) > len(shown) else ""
-        parts.append(f"<h3>{html.escape(rel)}</h3>" + _table(table.column_names, rows, "trials") + more)
+        parts.append(f"<h3>{html.escape(rel)}</h3>" + html_table(table.column_names, rows, "trials") + more)
         if (best := posixpath.join(folder, "best_config.yaml")) in c.files:
             parts.append(f"<details><summary>{html.escape(best)}</summary><pre>"
                          f"{html.escape(storage.read_text(c.uri(best)))}</pre></details>")
@@ -301,7 +254,7 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ddd;padding:.25em .6em}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}td.na{text-align:center;color:#999}
 .note{color:#8a6d3b;background:#fcf8e3;padding:.4em .7em;border-radius:4px}
 .gallery{display:flex;flex-wrap:wrap;gap:.5em}.card{margin:0;text-align:center;font-size:.75em;width:136px}
 .card img{border-radius:3px}.missing{width:128px;height:96px;background:#eee;line-height:96px}

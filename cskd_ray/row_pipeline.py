@@ -80,7 +80,16 @@ class ShardWriter:
 
 
 def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.Table:
-    """One row per URI: a row computed for one representative is repeated for its duplicates."""
+    """One row per URI: a row computed for one representative is repeated for its duplicates.
+
+    Raises:
+        RuntimeError: A digest of ``uris_by_digest`` has no row in ``table`` (its URIs would get no row).
+    """
+    missing = set(uris_by_digest) - set(table.column("sha256").to_pylist())
+    if missing:
+        example, lost = uris_by_digest[min(missing)][0], sum(len(uris_by_digest[d]) for d in missing)
+        raise RuntimeError(f"{len(missing)} contents have no representative row (e.g. {example}); their {lost} "
+                           "inputs would be lost; rerun to compute them")
     index, uris = [], []
     for i, digest in enumerate(table.column("sha256").to_pylist()):
         for uri in uris_by_digest[digest]:
@@ -107,7 +116,8 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
     # about 32 MiB (and the object store at ``object_store_mb``) so memory does not grow with the collection.
     max_rows = max(1, (32 << 20) // (3 * preprocess.image_size**2))
     block_rows = max(options.decode_batch_size, min(max_rows, len(pending) // 8 or 1))
-    ds = table_dataset(pa.table({"uri": pa.array(pending, pa.string())}), block_rows)
+    rows = pa.table({"uri": pa.array(pending, pa.string()), "row": pa.array(range(len(pending)), pa.int64())})
+    ds = table_dataset(rows, block_rows)  # the row id keys the registry's claims (see ContentRegistry)
     ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
                         num_cpus=options.decode_num_cpus,
                         fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": options.max_pixels,

@@ -145,13 +145,16 @@ def run_score_command(model: str, input_uris: list[str], output: str, config: st
     """Validate everything, start (or join) Ray, score, print and return the summary.
 
     Args:
-        model: A model folder written by teacher / distill, or an export folder.
+        model: A model folder written by teacher / distill, an export folder, or a Hub model
+            ``hf-hub:org/name[@revision]`` (pinned here to the commit the driver fetched, so every actor
+            loads the same weights).
         input_uris: Folders, prefixes, globs or manifests (local or s3://).
         output: The score table (local folder or s3:// prefix).
         config: Optional YAML with more score keys (``shard_rows``, ``object_store_mb``, ...).
         overrides: ``key=value`` overrides, applied after ``config``.
         printer: Receives progress and summary lines.
     """
+    from cskd_ray.models.hub import is_hub_uri, pin_revision
     from cskd_ray.runtime import init_ray
 
     try:
@@ -162,6 +165,8 @@ def run_score_command(model: str, input_uris: list[str], output: str, config: st
     from cskd_ray.preflight import check_stage
 
     check_stage("score", cfg)  # URI schemes and the output folder, before Ray starts; then the model:
+    if is_hub_uri(cfg.model):
+        cfg.model = pin_revision(cfg.model)
     description = describe_scoring_model(cfg.model)
     if "format" in description:
         verified_export_file(cfg.model, description)

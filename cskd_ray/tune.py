@@ -27,6 +27,7 @@ import yaml
 from cskd_ray import storage
 from cskd_ray.config import ConfigError, StrictModel, TuneConfig, dump_config
 from cskd_ray.runtime import TRIAL_DRIVER_RESOURCE
+from cskd_ray.tracking import TrackingConfig, tune_callbacks, without_tracking
 from cskd_ray.tune_results import TRIALS_DIR, TuneResult, format_top, trial_rows, write_outputs
 from cskd_ray.tune_space import TunePlan, param_space, plan_tune, trial_config
 
@@ -120,13 +121,17 @@ def run_tune(cfg: TuneConfig, resume: bool = False, callbacks: list[Any] | None 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from cskd_ray.tune_release import ReleaseStoppedTrials
+
     start = time.perf_counter()
     plan = plan_tune(cfg)
+    tracking = TrackingConfig(**plan.base["train"]["tracking"])  # the base stage config's train.tracking
     fs, root = storage.resolve(cfg.output)
     fs = fs if storage.is_remote(cfg.output) else None
     experiment = f"{root}/{EXPERIMENT_DIR}"
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, stage=cfg.stage, base=plan.base, experiment=cfg.output), driver_resources())
+        tune.with_parameters(_run_trial, stage=cfg.stage, base=without_tracking(plan.base), experiment=cfg.output),
+        driver_resources())  # tracked by Tune's logger callback, a trial's training run does not log itself
     exists = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
     if exists and not resume:
         raise ConfigError(f"output {cfg.output}: already holds a sweep; pass --resume to continue it, or choose "
@@ -152,7 +157,9 @@ def run_tune(cfg: TuneConfig, resume: bool = False, callbacks: list[Any] | None 
                 search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.seed),
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=EXPERIMENT_DIR, storage_path=root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=[
+                                          *(callbacks or []), *tune_callbacks(tracking, cfg.output),
+                                          ReleaseStoppedTrials(cfg.output)],  # frees ASHA-stopped trials' CPUs
                                       verbose=1))
     grid = tuner.fit()
     rows = trial_rows(grid, plan)

@@ -55,9 +55,9 @@ def ray_session(s3_server: str) -> Iterator[None]:
     """One local Ray for the whole session: 2 logical CPUs, bound to 127.0.0.1, dashboard on 127.0.0.1.
 
     It starts after the S3 server so that its workers inherit the endpoint and test credentials. It declares
-    the Tune trial-driver resource as ``init_ray`` does, and runs the dashboard (on loopback) because Ray
-    only frees the placement group of a trial that ASHA stopped through it (Ray issue 54305); it costs no
-    measurable start-up time here.
+    the Tune trial-driver resource and runs the dashboard (on loopback) as ``init_ray`` does (ASHA-stopped
+    trials' placement groups are freed by ``cskd_ray.tune_release`` without it; Ray's state API needs it); it
+    costs no measurable start-up time here.
     """
     import ray
 

@@ -40,7 +40,8 @@ def _batch(n: int = 6, size: int = 160, dim: int = 32) -> dict[str, torch.Tensor
             "labeled": torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.uint8),
             "has_feature": torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.uint8),
             "feature": torch.from_numpy(rng.normal(size=(n, dim)).astype(np.float32)),
-            "score": torch.from_numpy((dist * np.arange(1, 11)).sum(1)), "distribution": torch.from_numpy(dist)}
+            "score": torch.from_numpy((dist * np.arange(1, 11)).sum(1)), "distribution": torch.from_numpy(dist),
+            "row": torch.arange(100, 100 + n)}
 
 
 def test_each_term_uses_its_rows_and_weight(demo_data: Path, tmp_path: Path) -> None:
@@ -90,14 +91,14 @@ def test_consistency_term_is_emd_of_strong_student_view_to_weak_teacher_view(dem
                    f"teacher_model={teacher}",
                    "augment.noise=0.1")
     task = DistillTask(stage.model_dump(), HEAD, clip_dim=32)
+    task.set_epoch(1)
     batch = _batch()
-    torch.manual_seed(3)
     out = task(batch)
-    torch.manual_seed(3)
     with torch.no_grad():
         images = (batch["pixels"].permute(0, 3, 1, 2).float() / 255.0)[[2, 3, 4]]  # valid and unlabeled
-        target = task.teacher(augment.weak(images))
-        strong = augment.strong(images, 0.5, 0.4, 0.1)
+        rng = augment.RowRandom(((0 * 1_000_003 + 1) << 32) + row for row in (102, 103, 104))  # seed, epoch, row
+        target = task.teacher(augment.weak(images, rng))
+        strong = augment.strong(images, 0.5, 0.4, 0.1, rng)
         student = task.model(normalize_batch((strong * 255).permute(0, 2, 3, 1), task.preprocess))
         assert not torch.allclose(strong, images)
         want = emd_loss(student, target, r=2.0)
@@ -154,6 +155,11 @@ def test_augmentations_keep_shape_and_range_and_follow_the_generator() -> None:
     b = augment.strong(images, generator=torch.Generator().manual_seed(1))
     assert a.shape == images.shape and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
     assert (a - images).abs().mean() > 0.02
+    # per-row draws: a row's views depend on its key only, not on the rows beside it (DDP splits, resumes)
+    whole = augment.strong(images, generator=augment.RowRandom([7, 8, 9, 10]))
+    part = augment.strong(images[[3, 1]], generator=augment.RowRandom([10, 8]))
+    torch.testing.assert_close(part, whole[[3, 1]])
+    assert not torch.allclose(whole[0], augment.strong(images[:1], generator=augment.RowRandom([11]))[0])
 
 
 @pytest.mark.ray
@@ -161,12 +167,15 @@ def test_augmentations_keep_shape_and_range_and_follow_the_generator() -> None:
 def test_distill_trains_on_labels_pseudo_labels_and_features(feature_cache: str, teacher_run: Path, demo_data: Path,
                                                              tmp_path: Path) -> None:
     """The session's feature cache and trained teacher (its pseudo-labels of unlabeled.csv, and the teacher itself
-    online for the consistency term), with two extra frozen teachers."""
+    online for the consistency term), with two extra frozen teachers, on 2 DDP workers of 4 rows each under Ray
+    Train (its process group carries the loss terms' row counts and the metrics; tests/test_ddp_equivalence.py
+    checks the same step against 1 worker, with steps where a worker has no row of a term)."""
     teacher = teacher_run / "teacher" / "model"
     cfg = load_config("distill", CONFIG, [f"labels.images_root={demo_data / 'images'}",
                                           f"labels.test_list={demo_data / 'test.jpgl'}", "aligned=null",
                                           f"pseudo_labels={teacher_run / 'pseudo-labels'}", f"features={feature_cache}",
-                                          "train.batch_size=8", "train.epochs=1", "decode_batch_size=8",
+                                          "train.batch_size=8", "train.num_workers=2", "train.epochs=1",
+                                          "decode_batch_size=8",
                                           "consistency_weight=0.5", f"teacher_model={teacher}", EXTRA_TEACHERS],
                       input_uris=[str(demo_data / "AVA.txt")], output_uri=str(tmp_path / "student"))
     result = run_distill(cfg)

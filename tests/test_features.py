@@ -109,14 +109,84 @@ def _save_new_image(path: Path, seed: int) -> None:
     Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
 
 
-def test_duplicate_content_is_computed_once(ray_session, images: Path, tmp_path: Path) -> None:
+def test_registry_claims_are_idempotent_per_row() -> None:
+    """A re-executed read task (worker died, or its block rebuilt from lineage) claims with the same row ids and
+    must be told again to compute what it owns; other rows with that content, and cached content, are deferred."""
+    from cskd_ray.feature_tasks import ContentRegistry
+
+    registry = ContentRegistry()
+    registry.add(["cached"])
+    first = registry.claim(["a", "b", "a", "cached"], [0, 1, 2, 3])
+    assert first == [True, True, False, False]  # row 2 repeats row 0's content in the same batch
+    assert registry.claim(["b", "c"], [7, 8]) == [False, True]  # another task: b is row 1's
+    assert registry.claim(["a", "b", "a", "cached"], [0, 1, 2, 3]) == first  # the task again: the same answers
+    assert registry.claim(["c"], [8]) == [True]
+
+
+def test_rows_without_a_representative_fail_loudly() -> None:
+    from cskd_ray.row_pipeline import expand_to_uris
+
+    table = pa.table({"uri": ["x/a"], "sha256": ["d1"], "error": pa.nulls(1, pa.string())})
+    out = expand_to_uris(table, {"d1": ["x/b", "x/c"]})
+    assert out.column("uri").to_pylist() == ["x/b", "x/c"] and out.column("sha256").to_pylist() == ["d1", "d1"]
+    with pytest.raises(RuntimeError, match=r"1 contents have no representative row \(e.g. x/d\); their 2 inputs"):
+        expand_to_uris(table, {"d1": ["x/b"], "d2": ["x/d", "x/e"]})
+
+
+def _dies_once_after_claiming(marks: Path, duplicated: set[str]):
+    """A read task that, on its first attempt at a batch holding duplicated content, claims and then kills its
+    worker process (as a node loss would): Ray Data retries the task (max_retries=-1) with the same block."""
+    import hashlib
+    import os
+
+    def read(batch: dict, **kwargs) -> dict:
+        from cskd_ray import feature_tasks
+
+        out = feature_tasks.read_decode_batch(batch, **kwargs)  # in the worker: the real task, claims made
+        uris = [str(u) for u in batch["uri"]]
+        mark = marks / hashlib.sha256(uris[0].encode()).hexdigest()
+        if duplicated & set(uris) and not mark.exists():
+            mark.touch()
+            os._exit(1)
+        return out
+
+    return read
+
+
+def test_duplicate_content_is_computed_once_even_when_read_tasks_die_after_claiming(
+        ray_session, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read task holding a duplicated content dies once right after claiming it; the retried tasks must
+    still compute each content once and give every input exactly one row (the plain-Python oracle: one row
+    per file, the file's sha256, and equal features for equal contents)."""
+    import hashlib
+
+    import ray.cloudpickle
+
+    from cskd_ray import feature_tasks
+
     good = sorted(p for p in images.iterdir() if decode_image(p.read_bytes()).ok)
     for i in range(3):
         shutil.copy(good[i], images / f"dup-{i}")  # keys without an extension are inputs too
-    out = str(tmp_path / "features")
-    result = run_features(_cfg([str(images)], out))
+    duplicated = {str(p) for p in good[:3]} | {str(images / f"dup-{i}") for i in range(3)}
+    marks = tmp_path / "attempts"
+    marks.mkdir()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels to the workers by value
+    try:
+        monkeypatch.setattr(feature_tasks, "read_decode_batch", _dies_once_after_claiming(marks, duplicated))
+        out = str(tmp_path / "features")
+        result = run_features(_cfg([str(images)], out))
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert len(list(marks.iterdir())) >= 2, "tasks holding duplicated content died after claiming"
     assert result.new_rows == 67 and result.computed == 64 and result.errors == 4
     table = _table(out)
+    oracle = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in images.iterdir()}
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) and set(uris) == set(oracle), "exactly one row per input"
+    assert dict(zip(uris, table.column("sha256").to_pylist(), strict=True)) == oracle
+    features = dict(zip(uris, table.column("feature").to_pylist(), strict=True))
+    for i in range(3):
+        assert features[str(images / f"dup-{i}")] == features[str(good[i])] is not None
     digests = table.filter(table.column("error").is_null()).column("sha256").to_pylist()
     assert len(digests) == 63 and len(set(digests)) == 60
 

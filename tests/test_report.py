@@ -36,11 +36,14 @@ TOP = 4
 
 
 class _Page(HTMLParser):
-    """Collects table cells (row key → cell values), section notes, gallery scores and <img> tags."""
+    """Collects table cells (row key → cell attributes, and their texts), section notes, gallery scores and <img>
+    tags."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.texts: dict[str, list[str]] = {}
+        self._in_cell = False
         self.images: list[dict[str, str]] = []
         self.scores: list[float] = []
         self.section, self.row, self.sections, self.notes = None, None, [], {}
@@ -54,23 +57,50 @@ class _Page(HTMLParser):
         elif tag == "tr" and "data-row" in a:
             self.row = f"{self.section}:{a['data-row']}"
             self.rows.setdefault(self.row, [])
+            self.texts.setdefault(self.row, [])
         elif tag == "td" and self.row:
             self.rows[self.row].append(a)
+            self.texts[self.row].append("")
+            self._in_cell = True
         elif tag == "img":
             self.images.append(a)
         elif tag == "b" and "data-score" in a:
             self.scores.append(float(a["data-score"]))
         self._in_note = tag == "p" and a.get("class") == "note"
 
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._in_cell = False
+
     def handle_data(self, data: str) -> None:
         if self._in_note:
             self.notes[self.section] = data
+        if self._in_cell:
+            self.texts[self.row][-1] += data
 
 
 def _parse(path: Path) -> _Page:
     page = _Page()
     page.feed(path.read_text())
     return page
+
+
+EVAL_HEADER = ["evaluation", "model", "split", "images", "scored", "errors", "SRCC", "KRCC", "PLCC", "PLCC (logistic)",
+               "accuracy", "EMD"]
+
+
+def _evaluation_texts(folder: str, m: dict) -> list[str]:
+    """The evaluation row as the page shows it: numbers to 4 decimals, "–" for what metrics.json lacks."""
+    def shown(key: str) -> str:
+        value = m.get(key)
+        if value is None:
+            return "–"
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"{text} (no fit)" if key == "plcc_logistic" and m.get("plcc_logistic_fitted") is False else text
+
+    return [folder, m.get("model_id") or m.get("model"), shown("split"),
+            *[shown(k) for k in ("images", "scored", "errors", "srcc", "krcc", "plcc", "plcc_logistic", "accuracy",
+                                 "emd")]]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +148,9 @@ def test_report_numbers_equal_the_stages_json(demo_run: Path, tmp_path: Path) ->
     evaluation = json.loads((demo_run / "evaluate-teacher" / "metrics.json").read_text())
     cells = [c.get("data-value") for c in page.rows["metrics:evaluate-teacher"] if "data-value" in c]
     assert cells == [str(evaluation[k]) if isinstance(evaluation[k], int) else repr(evaluation[k])
-                     for k in ("images", "scored", "errors", "srcc", "plcc", "accuracy", "emd")]
+                     for k in ("images", "scored", "errors", "srcc", "krcc", "plcc", "plcc_logistic", "accuracy",
+                               "emd")]
+    assert page.texts["metrics:evaluate-teacher"] == _evaluation_texts("evaluate-teacher", evaluation)
     scores = ResultTable(str(demo_run / "pseudo-labels"), LABEL_SCHEMA).read(["score", "error"])
     ok = sorted(s for s, e in zip(scores.column("score").to_pylist(), scores.column("error").to_pylist(),
                                   strict=True) if e is None)
@@ -144,6 +176,17 @@ def test_damaged_pieces_become_notes_and_an_empty_folder_is_an_error(tmp_path: P
     assert "could not be built" in result.notes["scatter"]
     page = _parse(run / "report.html")
     assert [c.get("data-value") for c in page.rows["trials:1"]] == [None, "0.01", "0.5"]
+    # an evaluation from before KRCC and the logistic PLCC: their cells show "–" (no data-value)
+    assert page.texts["metrics:evaluate"] == ["evaluate", "m", "–", "–", "–", "–", "0.5000", "–", "0.2500", "–", "–",
+                                              "–"]
+    assert [c.get("data-value") for c in page.rows["metrics:evaluate"]][6:10] == ["0.5", None, "0.25", None]
+    failed = {"srcc": 0.5, "krcc": 0.375, "plcc": 0.25, "plcc_logistic": 0.25, "plcc_logistic_fitted": False,
+              "accuracy": 0.75, "emd": 0.125, "images": 4, "scored": 4, "errors": 0, "split": "test", "model": "m"}
+    (run / "evaluate-new").mkdir()
+    (run / "evaluate-new" / "metrics.json").write_text(json.dumps(failed))
+    page = _parse(Path(write_report(str(run)).output))
+    assert page.texts["metrics:evaluate-new"] == _evaluation_texts("evaluate-new", failed)
+    assert page.texts["metrics:evaluate-new"][9] == "0.2500 (no fit)"  # the plain PLCC, flagged
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no stage output found"):
         write_report(str(tmp_path / "empty"))
@@ -207,8 +250,9 @@ class _Cdp:
             self.events.append(json.loads(self.ws.recv()))
 
 
-def render(browser: str, report: Path, screenshot: Path) -> tuple[list[dict], list[list]]:
-    """Open ``report`` in headless Chromium (offline flags); return console errors and [alt, complete, width]."""
+def render(browser: str, report: Path, screenshot: Path) -> tuple[list[dict], list[list], str]:
+    """Open ``report`` in headless Chromium (offline flags); return console errors, [alt, complete, width] of every
+    image and the page's text as rendered (``document.body.innerText``: table cells tab-separated, one row a line)."""
     user_data = Path(tempfile.mkdtemp(prefix="chromium-profile-"))  # not next to the page: Chromium refuses those
     flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
              "--disable-extensions", "--disable-background-networking", "--disable-component-update",
@@ -227,6 +271,7 @@ def render(browser: str, report: Path, screenshot: Path) -> tuple[list[dict], li
         probe = ("JSON.stringify([document.URL, Array.from(document.images).map(i => [i.alt, i.complete, "
                  "i.naturalWidth])])")
         url, images = json.loads(cdp.call("Runtime.evaluate", session, expression=probe)["result"]["value"])
+        text = cdp.call("Runtime.evaluate", session, expression="document.body.innerText")["result"]["value"]
         assert url == report.as_uri(), f"Chromium shows {url} (an error page), not the report"
         size = cdp.call("Page.getLayoutMetrics", session)["cssContentSize"]  # the whole page, not the viewport
         clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
@@ -240,7 +285,7 @@ def render(browser: str, report: Path, screenshot: Path) -> tuple[list[dict], li
         process.terminate()
         process.wait(timeout=10)
         shutil.rmtree(user_data, ignore_errors=True)
-    return errors, images
+    return errors, images, text
 
 
 @pytest.mark.ray
@@ -250,7 +295,16 @@ def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path) -> 
     if browser is None:
         pytest.skip("chromium is not installed (`make setup` installs it on Debian)")
     report = Path(write_report(str(demo_run), str(tmp_path / "report.html"), top=TOP).output)
-    errors, images = render(browser, report, tmp_path / "report.png")
+    errors, images, text = render(browser, report, tmp_path / "report.png")
     assert errors == []
+    lines = text.splitlines()
+    evaluation = json.loads((demo_run / "evaluate-teacher" / "metrics.json").read_text())
+    teacher = json.loads((demo_run / "teacher" / "model" / "model.json").read_text())
+    assert "\t".join(EVAL_HEADER) in lines, text  # the metrics table's header, as shown
+    assert "\t".join(_evaluation_texts("evaluate-teacher", evaluation)) in lines, text  # SRCC, KRCC, ... as shown
+    assert f"\t{evaluation['srcc']:.4f}\t{evaluation['krcc']:.4f}\t" in text
+    stage = next(line for line in lines if line.startswith("teacher\tteacher\t"))
+    assert stage.split("\t")[2:4] == [str(teacher["step"]), f"{teacher['metrics']['val_srcc']:.4f}"]
+    assert {"Metrics", "Training curves", "Predicted vs true", "Top and bottom scored images"} <= set(lines)
     assert len(images) == 2 * TOP + 3 and all(complete and width > 0 for _, complete, width in images), images
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "report.png").stat().st_size > 5000

@@ -82,15 +82,51 @@ def test_teacher_trains_on_ava_labels_and_exports_the_best_checkpoint(teacher_ru
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_teacher_on_scalar_labels_uses_a_regression_head(ray_session, demo_data: Path, tmp_path: Path) -> None:
+def test_teacher_on_scalar_labels_uses_a_regression_head(ray_session, demo_data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also the Train-run check of experiment tracking (cskd_ray/tracking.py): rank 0 logs this run into an MLflow
+    file store, its params are the resolved config and its metrics one entry per checkpoint report."""
     rows = [line.split(",") for line in (demo_data / "manifest.csv").read_text().splitlines()[1:]]
     labeled = [r for r in rows if r[3] in ("train", "test")]
     csv = tmp_path / "train.csv"
     csv.write_text("uri,score,split\n" + "".join(f"{r[0]},{r[4]},{r[3]}\n" for r in labeled))
+    mlruns = (tmp_path / "mlruns").as_uri()
+    tracking = ["train.tracking.backend=mlflow", f"train.tracking.tracking_uri={mlruns}",
+                "train.tracking.experiment=scalar-teacher"]
     result = run_teacher(_cfg(demo_data, tmp_path / "scalar", "labels.format=csv", "labels.test_list=null",
-                              "train.epochs=1", labels=csv))
+                              "train.epochs=1", *tracking, labels=csv))
     assert result.head["kind"] == "scalar" and result.head["low"] < result.head["high"]
     assert "val_emd" not in result.metrics and "val_srcc" in result.metrics
+    _assert_tracked(tmp_path / "scalar", mlruns, "scalar-teacher", monkeypatch)
+
+
+def _assert_tracked(output: Path, mlruns: str, experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One finished MLflow run: params = the flattened resolved config, metrics = the loop's reports, and the last
+    checkpoint."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from cskd_ray.tracking import flatten
+    from cskd_ray.train.history import read_history
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read it here; the worker opted in by itself
+    client = MlflowClient(mlruns)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    config = json.loads((output / "model" / "model.json").read_text())["config"]
+    assert run.info.status == "FINISHED" and run.info.run_name == output.name
+    assert run.data.params == {key: str(value) for key, value in flatten(config).items()}
+    assert run.data.params["labels.format"] == "csv" and run.data.params["train.tracking.backend"] == "mlflow"
+    reports = [r for r in read_history((output / "metrics.jsonl").read_text()) if "val_srcc" in r]  # validated
+    assert reports  # checkpoint_every 100: the loop reports (and validates) at each epoch's end only
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    srcc = client.get_metric_history(run.info.run_id, "val_srcc")
+    assert [m.step for m in loss] == [m.step for m in srcc] == [r["step"] for r in reports]
+    assert [m.value for m in loss] == [r["loss"] for r in reports]
+    assert [None if math.isnan(m.value) else m.value for m in srcc] == [r["val_srcc"] for r in reports]
+    checkpoint = run.data.tags["cskd.checkpoint"]
+    assert checkpoint.startswith(str(output / "train" / "checkpoint_")) and Path(checkpoint, "state.json").is_file()
+    assert json.loads(Path(checkpoint, "state.json").read_text())["step"] == reports[-1]["step"]
 
 
 def test_missing_validation_split_is_a_config_error(ray_session, demo_data: Path, tmp_path: Path) -> None:

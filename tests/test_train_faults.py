@@ -1,7 +1,8 @@
 """Training resumed after a stop, past a damaged latest checkpoint, and after a Train worker killed with SIGKILL.
 
-All runs align test_vit to the session's feature cache with ordered ingest (``train.deterministic``), so a run
-that recovers correctly ends with the same weights as an uninterrupted one.
+All runs align test_vit to the session's feature cache with ordered ingest (``train.deterministic``) and the
+default shuffle (a seeded shuffle per epoch), so a run that recovers correctly, skipping exactly the batches it
+had done, ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def _align(cache: str, output: Path, *overrides: str):
         "train.epochs=2",
         "train.warmup_steps=1",
         "train.checkpoint_every=2",
-        "train.shuffle=false",
         "train.deterministic=true",
         "train.lr=0.01",
         "decode_batch_size=8",
@@ -63,6 +63,12 @@ def straight(feature_cache: str, tmp_path_factory: pytest.TempPathFactory):
 
 def _checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in (output / "train").glob("checkpoint_*") if (p / MANIFEST_FILE).exists())
+
+
+def _history(output: Path) -> list[dict]:
+    from cskd_ray.train.history import read_history
+
+    return read_history((output / "metrics.jsonl").read_text())
 
 
 def _worker_logs() -> str:
@@ -114,6 +120,9 @@ def test_stopped_run_resumes_past_a_damaged_latest_checkpoint_to_the_same_weight
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
     resumed = _align(feature_cache, output)
     assert resumed.steps == STEPS
+    history = _history(output)
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
+    assert [(r["step"], r["resumed_from"]) for r in history if "resumed_from" in r] == [(5, 4)]
     logs = _worker_logs()
     assert f"checkpoint {latest} is damaged: {MODEL_FILE}" in logs, "the warning names the damaged checkpoint"
     assert f"resuming from the older checkpoint {older}" in logs
@@ -138,18 +147,21 @@ def _train_worker_pids() -> set[int]:
 
 
 def test_killed_train_worker_resumes_from_the_latest_checkpoint(feature_cache: str, straight, tmp_path: Path) -> None:
-    """SIGKILL the Train worker right after its first checkpoint; FailureConfig restarts it from the checkpoint.
+    """SIGKILL the Train worker once Ray Train has registered its first checkpoint; FailureConfig restarts it there.
 
-    Tolerance: weights within rtol 1e-4 / atol 1e-5 of the uninterrupted run, and the final loss within 1e-4
-    (ordered ingest and seeded CPU maths make the recovered run repeat the same steps).
+    The history proves the kill landed mid-training: exactly one restart (a record with ``resumed_from`` k, 2 ≤ k <
+    6), and steps 1..6 each once (nothing missing or done twice). Tolerance: weights within rtol 1e-4 / atol 1e-5 of
+    the uninterrupted run, and the final loss within 1e-4 (ordered ingest, a seeded shuffle and seeded CPU maths
+    make the recovered run repeat the same steps).
     """
     output = tmp_path / "run"
     killed: list[int] = []
+    registered = output / "train" / "checkpoint_manager_snapshot.json"  # written once the controller registers one
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            if _checkpoints(output) and (pids := _train_worker_pids()):
+            if registered.exists() and (pids := _train_worker_pids()):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 killed.extend(pids)
@@ -159,7 +171,11 @@ def test_killed_train_worker_resumes_from_the_latest_checkpoint(feature_cache: s
     watcher.start()
     result = _align(feature_cache, output, "train.max_failures=1")
     watcher.join(timeout=5)
-    assert killed, "the worker was killed mid-run"
+    assert killed, "the worker was killed"
+    history = _history(output)
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1)), "each step once, none missing"
+    restarts = [r["resumed_from"] for r in history if "resumed_from" in r]
+    assert len(restarts) == 1 and 2 <= restarts[0] < STEPS, f"one restart, mid-training: {restarts}"
     states = [(p / STATE_FILE).read_text() for p in _checkpoints(output)]
     assert any(f'"step": {STEPS}' in s for s in states) and result.steps == STEPS
     assert abs(result.metrics["loss"] - straight[0].metrics["loss"]) <= 1e-4

@@ -10,6 +10,9 @@ Two kinds of folder score images:
   loaded when its sha256 matches the sidecar. TorchScript archives hold code that ``torch.jit.load``
   runs: load only exports you (or your pipeline) wrote.
 
+A model may also be named ``hf-hub:org/name[@revision]``: a PyTorch folder published with ``cskd-ray push``,
+read from the local Hugging Face cache (downloaded when missing; :mod:`cskd_ray.models.hub`).
+
 Every loader returns an object with ``preprocess``, ``head``, ``model_id``, ``description`` and
 ``predict(x) -> (scores, distributions | None)``, so the scoring actors never ask which kind they hold.
 """
@@ -142,11 +145,25 @@ def load_exported_runner(path: Path, fmt: str, device: torch.device | None = Non
     return _Runner(Path(path), fmt, device or torch.device("cpu"))
 
 
+def local_model_dir(model_dir: str) -> str:
+    """``model_dir`` itself, or for ``hf-hub:org/name[@revision]`` its snapshot folder in the Hugging Face cache.
+
+    Raises:
+        cskd_ray.models.hub.HubError: If a Hub model cannot be fetched (offline and not cached, no such repo).
+    """
+    if not model_dir.startswith("hf-hub:"):
+        return model_dir
+    from cskd_ray.models.hub import download_model
+
+    return download_model(model_dir)
+
+
 def describe_scoring_model(model_dir: str) -> dict:
     """Read ``model.json`` or ``export.json``; raise :class:`WeightsUnavailableError` when it is neither.
 
     An export's description has a ``format`` key (``onnx`` or ``torchscript``); a PyTorch folder's has none.
     """
+    model_dir = local_model_dir(model_dir)
     uri = storage.join(model_dir, MODEL_JSON)
     export_uri = storage.join(model_dir, EXPORT_JSON)
     if not storage.exists(uri):
@@ -171,7 +188,7 @@ def scoring_model_id(model_dir: str, description: dict) -> str:
     """
     if "format" in description:
         return f"{description['source_model_id']}/{description['format']}:{description['sha256'][:16]}"
-    digest = hashlib.sha256(storage.read_bytes(storage.join(model_dir, WEIGHTS))).hexdigest()[:16]
+    digest = hashlib.sha256(storage.read_bytes(storage.join(local_model_dir(model_dir), WEIGHTS))).hexdigest()[:16]
     return f"{description['stage']}:{description['encoder']['name']}:{digest}"
 
 
@@ -192,6 +209,7 @@ def _load_export(model_dir: str, description: dict) -> ExportedScoringModel:
 
 def load_scoring_model(model_dir: str) -> ScoringModel | ExportedScoringModel:
     """Load the scoring model in ``model_dir``, whichever kind it is (PyTorch in eval mode, or an export)."""
+    model_dir = local_model_dir(model_dir)
     description = describe_scoring_model(model_dir)
     if "format" in description:
         return _load_export(model_dir, description)

@@ -36,6 +36,7 @@ from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
 from cskd_ray.train.common import build_trainer
 from cskd_ray.train.ingest import decode_cached_rows
 from cskd_ray.train.launch import TaskFactory
+from cskd_ray.train.step import RowCounts
 
 MODEL_DIR = "model"
 
@@ -57,19 +58,27 @@ class AlignTask(nn.Module):
         return list(self.student.parameters())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Alignment loss and mean cosine similarity over the valid rows of a batch."""
+        """Alignment loss and mean cosine similarity over the valid rows of the batch.
+
+        Under DDP both are this worker's shares of the global-batch means (:class:`cskd_ray.train.step.RowCounts`),
+        so the averaged gradient and metrics are those of one worker on the whole global batch.
+        """
         valid = batch["valid"].bool()
+        counts = RowCounts({"loss": valid})
         images = normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)
         if self.tokens:
-            return self._token_forward(images, batch["target"].float(), valid)
+            return self._token_forward(images, batch["target"].float(), valid, counts)
         predicted = self.student(images).float()
         target = batch["target"].float()
-        loss = alignment_loss(self.loss_name, predicted[valid], target[valid]) if valid.any() else predicted.sum() * 0
+        if not valid.any():
+            zero = predicted.sum() * 0
+            return {"loss": zero, "cosine": zero.detach()}
+        loss = alignment_loss(self.loss_name, predicted[valid], target[valid])
         cosine = F.cosine_similarity(predicted.detach()[valid], target[valid], dim=-1).mean()
-        return {"loss": loss, "cosine": cosine}
+        return {"loss": counts.share("loss", loss), "cosine": counts.share("loss", cosine)}
 
-
-    def _token_forward(self, images: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict:
+    def _token_forward(self, images: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                       counts: RowCounts) -> dict:
         """SmoothL1 between projected student patch tokens and whitened CLIP tokens; per-token cosine."""
         encoder = self.student.encoder
         tokens = encoder.forward_features(images)[:, getattr(encoder, "num_prefix_tokens", 0):]
@@ -81,7 +90,7 @@ class AlignTask(nn.Module):
         loss = alignment_loss("smooth_l1_tokens", predicted[valid], target[valid], beta=self.beta)
         whitened = F.layer_norm(target[valid], target.shape[-1:])
         cosine = F.cosine_similarity(predicted.detach()[valid], whitened, dim=-1).mean()
-        return {"loss": loss, "cosine": cosine}
+        return {"loss": counts.share("loss", loss), "cosine": counts.share("loss", cosine)}
 
 
 def check_token_grids(cfg: AlignConfig, meta: dict, encoder: nn.Module) -> int:

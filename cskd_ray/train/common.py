@@ -3,14 +3,13 @@
 A stage supplies a *task*: an ``nn.Module`` whose ``forward(batch)`` returns a dict of named losses
 with the total under ``"loss"`` (plus any metrics to report), and whose ``trainable_parameters()``
 lists what the optimiser updates. The loop does the rest, in order: restore, lr, forward, backward,
-clip, step, report, checkpoint.
+clip, step (:mod:`cskd_ray.train.step`), report, checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from cskd_ray import storage
 from cskd_ray.config import TrainerConfig
-from cskd_ray.precision import autocast
+from cskd_ray.tracking import start_worker_run
 from cskd_ray.train.checkpoints import (
     TrainState,
     latest_valid_checkpoint,
@@ -31,6 +30,8 @@ from cskd_ray.train.checkpoints import (
 )
 from cskd_ray.train.history import TrainingHistory
 from cskd_ray.train.launch import TaskFactory, train_worker_loop
+from cskd_ray.train.placement import forget_placement_group, register_placement_group
+from cskd_ray.train.step import global_metrics, make_optimizer, train_step
 
 # Ray Train callbacks that build_trainer adds to every trainer built in the current context (a trial of a
 # Tune sweep adds Tune's TuneReportCallback this way, so the stages need no Tune-specific argument).
@@ -49,18 +50,6 @@ def extra_run_callbacks(callbacks: list[Any]) -> Iterator[None]:
         yield
     finally:
         _RUN_CALLBACKS.reset(token)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup then cosine decay: f = s/w for s < w, else ½(1 + cos(π (s − w)/(T − w)))."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-
-
-def _mean_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: float(value.detach().float().mean()) for name, value in outputs.items()}
 
 
 def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -117,9 +106,8 @@ def run_worker_loop(loop_config: dict) -> None:
     task = loop_config["task_factory"](loop_config["stage"])
     model = ray.train.torch.prepare_model(task)
     params = [p for p in task.trainable_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
-    device = ray.train.torch.get_device()
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    device, rank = ray.train.torch.get_device(), ray.train.get_context().get_world_rank()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision in ("auto", "fp16"))
     state = TrainState()
     history = TrainingHistory(loop_config.get("output"), enabled=ray.train.get_context().get_world_rank() == 0)
@@ -129,8 +117,16 @@ def run_worker_loop(loop_config: dict) -> None:
             history.restore(directory, state.step)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
+    output = loop_config.get("output")
+    group = register_placement_group(output) if rank == 0 and output else None  # freed by Tune if stopped early
+    tracker = start_worker_run(cfg.tracking, loop_config["stage"], loop_config.get("output"), rank,
+                               resumed_from=state.step)
     while state.step < stop_at:
-        skip = state.step - state.epoch * steps_per_epoch  # batches of this epoch done before a restart
+        # Batches of this epoch done before a restart. The epoch's order is a function of (seed, epoch) when the
+        # ingest keeps Ray Data's row order (train.deterministic), so these are exactly the batches already seen.
+        skip = state.step - state.epoch * steps_per_epoch
+        if hasattr(task, "set_epoch"):
+            task.set_epoch(state.epoch)  # epoch-indexed random draws (the distill task's augmentations)
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size // world, drop_last=True, device=device,
             local_shuffle_buffer_size=4 * cfg.batch_size if cfg.shuffle else None,
@@ -141,26 +137,20 @@ def run_worker_loop(loop_config: dict) -> None:
                 continue
             if index >= steps_per_epoch or state.step >= stop_at:
                 continue  # every rank drains its shard, so all ranks stay in step
-            with autocast(device.type, cfg.precision):
-                outputs = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(outputs["loss"]).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            outputs = train_step(model, batch, optimizer, scheduler, scaler, params, cfg, state.step, rank)
             state.step += 1
-            state.metrics = {**_mean_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
+            state.metrics = {**global_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
             history.log(state.step, state.epoch, state.metrics)
             last = state.step == stop_at
             epoch_end = index + 1 == steps_per_epoch and val_shard is not None
             if state.step % cfg.checkpoint_every == 0 or last or epoch_end:
                 _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], val_shard, cfg.batch_size,
                             history)
+                tracker.log(state.step, {**state.metrics, "epoch": state.epoch})  # rank 0's report
         state.epoch += 1
     history.close()
+    forget_placement_group(output, group)
+    tracker.finish(ray.train.get_checkpoint())  # the last reported checkpoint
 
 
 def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,

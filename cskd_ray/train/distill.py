@@ -16,6 +16,11 @@ extractors, each with its own student projection P_t, on every image of the batc
 frozen, in eval mode and outside the optimiser (:mod:`cskd_ray.train.teachers`). λ_kd = ``kd_weight``,
 λ_feat = ``feat_weight``, λ_cons = ``consistency_weight``, w_t = ``extra_teachers[t].weight``; 0 turns a
 term off. Validation and the exported model are as for the teacher.
+
+Under DDP every term is the worker's share of its global-batch mean and every projection runs on every
+worker, rows or not (:mod:`cskd_ray.train.step`): N workers train as one worker on the same global batches. The
+consistency term's augmentations are drawn per row from (``train.seed``, epoch, row id), so a row gets the
+same views on whichever worker it lands, and again after a resume.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from cskd_ray.train import augment
 from cskd_ray.train.common import build_trainer
 from cskd_ray.train.ingest import decode_mixed
 from cskd_ray.train.launch import TaskFactory
+from cskd_ray.train.step import RowCounts
 from cskd_ray.train.supervise import (
     HeadSpec,
     SupervisedTask,
@@ -65,7 +71,7 @@ class DistillTask(SupervisedTask):
         super().__init__(stage, head)
         cfg = DistillConfig(**stage)
         self.kd_weight, self.feat_weight, self.cons_weight = cfg.kd_weight, cfg.feat_weight, cfg.consistency_weight
-        self.augment = cfg.augment
+        self.augment, self.seed, self.epoch = cfg.augment, cfg.train.seed, 0
         width = self.model.head.net[-1].in_features
         self.projection = ProjectionHead(width, clip_dim) if cfg.feat_weight else None
         self.teacher, self.teacher_head = load_scoring_teacher(cfg.teacher_model) if cfg.consistency_weight \
@@ -80,6 +86,15 @@ class DistillTask(SupervisedTask):
         """Student encoder, head and projections (the frozen teachers are not modules of the task)."""
         return list(self.parameters())
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop at the start of each epoch: the augmentations differ per epoch."""
+        self.epoch = epoch
+
+    def row_random(self, rows: torch.Tensor) -> augment.RowRandom:
+        """The augmentations' random draws for these row ids, from (``train.seed``, epoch, row id) only."""
+        base = (self.seed * 1_000_003 + self.epoch) << 32
+        return augment.RowRandom((base + int(row)) % (1 << 63) for row in rows.tolist())
+
     def _student(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features and head outputs of the student on ``(N, 3, S, S)`` images in [0, 1]."""
         mean = torch.tensor(self.preprocess.mean, device=images01.device).view(1, 3, 1, 1)
@@ -87,14 +102,15 @@ class DistillTask(SupervisedTask):
         features = self.model.encoder((images01 - mean) / std)
         return features, self.model.head(features).float()
 
-    def _consistency(self, images01: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _consistency(self, images01: torch.Tensor, rows: torch.Tensor, row_ids: torch.Tensor,
+                     like: torch.Tensor) -> torch.Tensor:
         """D(student(strong(x_u)), teacher(weak(x_u))) on the unlabeled rows."""
         if not rows.any():
             return like.sum() * 0.0
-        images = images01[rows]
-        target = self.teacher(augment.weak(images))
+        images, rng = images01[rows], self.row_random(row_ids[rows])
+        target = self.teacher(augment.weak(images, rng))
         _, student = self._student(augment.strong(images, self.augment.crop_scale, self.augment.jitter,
-                                                  self.augment.noise))
+                                                  self.augment.noise, rng))
         if self.spec.kind == "distribution":
             return emd_loss(student, target, r=2.0)
         # the teacher's own scale → the student's normalised score (scalar heads of both)
@@ -106,30 +122,47 @@ class DistillTask(SupervisedTask):
         return head["low"] + output * (head["high"] - head["low"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every term on its rows (labeled, unlabeled, unlabeled with a CLIP feature, all) and the sum."""
+        """Every term on its rows (labeled, unlabeled, unlabeled with a CLIP feature, all) and the weighted sum.
+
+        Each term is this worker's share of its mean over the global batch (:class:`RowCounts`); a
+        projection runs on all rows even when none of them has the term's target, so that its parameters
+        get a (zero) gradient on every DDP worker.
+        """
         valid, labeled = batch["valid"].bool(), batch["labeled"].bool()
+        masks = {"sup": valid & labeled, "kd": valid & ~labeled}
+        if self.projection is not None:
+            masks["feat"] = valid & batch["has_feature"].bool()
+        if self.teacher is not None:
+            masks["cons"] = valid & ~labeled
+        masks.update({f"teacher_{index}": valid for index in range(len(self.extra_teachers))})
+        counts = RowCounts(masks)
         images01 = batch["pixels"].permute(0, 3, 1, 2).float() / 255.0
         features, out = self._student(images01)
-        sup = self.label_loss(out, batch, valid & labeled)
-        kd = self.label_loss(out, batch, valid & ~labeled)
-        terms = {"sup": sup, "kd": kd}
-        loss = sup + self.kd_weight * kd
+        terms = {"sup": self.label_loss(out, batch, masks["sup"]), "kd": self.label_loss(out, batch, masks["kd"])}
         if self.projection is not None:
-            rows = valid & batch["has_feature"].bool()
-            feat = cosine_alignment(self.projection(features.float())[rows], batch["feature"].float()[rows]) \
-                if rows.any() else out.sum() * 0.0
-            terms["feat"], loss = feat, loss + self.feat_weight * feat
+            rows = masks["feat"]
+            terms["feat"] = self._aligned(self.projection(features.float()), batch["feature"].float()[rows], rows)
         if self.teacher is not None:
-            terms["cons"] = self._consistency(images01, valid & ~labeled, out)
-            loss = loss + self.cons_weight * terms["cons"]
-        for index, (teacher, projection, weight) in enumerate(
-                zip(self.extra_teachers, self.extra_projections, self.extra_weights, strict=True)):
-            if valid.any():
-                term = cosine_alignment(projection(features.float())[valid], teacher(images01[valid]))
-            else:
-                term = out.sum() * 0.0
-            terms[f"teacher_{index}"], loss = term, loss + weight * term
+            terms["cons"] = self._consistency(images01, masks["cons"], batch["row"], out)
+        for index, (teacher, projection) in enumerate(zip(self.extra_teachers, self.extra_projections, strict=True)):
+            rows = masks[f"teacher_{index}"]
+            target = teacher(images01[rows]) if rows.any() else None
+            terms[f"teacher_{index}"] = self._aligned(projection(features.float()), target, rows)
+        terms = {name: counts.share(name, term) for name, term in terms.items()}
+        weights = {"sup": 1.0, "kd": self.kd_weight, "feat": self.feat_weight, "cons": self.cons_weight,
+                   **{f"teacher_{i}": w for i, w in enumerate(self.extra_weights)}}
+        loss = sum(weights[name] * term for name, term in terms.items())
         return {"loss": loss, **terms}
+
+    @staticmethod
+    def _aligned(projected: torch.Tensor, target: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """1 − cos(P(E(x)), target) over ``rows`` (``target`` holds those rows' targets, None if there is none).
+
+        With no row it is ``0 · P(E(x))``: the projection still gets a gradient, of zeros.
+        """
+        if target is None or not rows.any():
+            return projected.sum() * 0.0
+        return cosine_alignment(projected[rows], target)
 
 
 def _unlabeled_rows(cfg: DistillConfig, labeled_uris: set[str], head: HeadSpec) -> tuple[pa.Table, int]:
@@ -201,6 +234,7 @@ def run_distill(cfg: DistillConfig) -> TeacherResult:
     else:  # every unlabeled term is off: a labels-only student, with batches of labeled rows only
         mixed = labeled
     mixed = mixed.take(pa.array(np.random.default_rng(cfg.train.seed).permutation(len(mixed))))
+    mixed = mixed.append_column("row", pa.array(np.arange(len(mixed), dtype=np.int64)))  # keys the augmentations
     block = max(cfg.decode_batch_size, 64)
     train_ds = table_dataset(mixed, block).map_batches(
         decode_mixed, batch_size=cfg.decode_batch_size, batch_format="pyarrow",

@@ -1,9 +1,11 @@
 """Rank 0's training history: one JSON record per optimizer step, kept across restarts, mirrored to TensorBoard.
 
-A record is ``{"step": s, "epoch": e, <metric>: value, ...}``: the loss terms the task returned (batch
-means on rank 0), ``lr``, and the ``val_*`` metrics on the steps where the stage validated. The history
+A record is ``{"step": s, "epoch": e, <metric>: value, ...}``: the loss terms the task returned (means over
+the global batch), ``lr``, and the ``val_*`` metrics on the steps where the stage validated. The history
 travels inside every checkpoint (``history.jsonl``), so a resumed run continues the same history instead
-of starting a new one, and after each checkpoint it is published to the stage's output:
+of starting a new one; the first step after a restart carries ``"resumed_from": k``, the step of the
+checkpoint it restarted from (a worker killed and restarted, or a stopped run rerun). After each checkpoint
+the history is published to the stage's output:
 
 * ``OUTPUT/metrics.jsonl``: the whole history, rewritten atomically (the report's training curves);
 * ``OUTPUT/tensorboard/``: TensorBoard event files (``tensorboard --logdir OUTPUT --host 127.0.0.1``).
@@ -51,13 +53,14 @@ class TrainingHistory:
         self._writer: Any = None
         self._local_events: str | None = None
         self._purge_step: int | None = None
+        self._resumed_from: int | None = None
 
     def restore(self, directory: str | Path, step: int) -> None:
         """Load the history saved in a checkpoint directory, keeping the records up to ``step``."""
         path = Path(directory) / HISTORY_FILE
         if self.enabled and path.exists():
             self.records = [r for r in read_history(path.read_text()) if r["step"] <= step]
-        self._purge_step = step + 1
+        self._purge_step, self._resumed_from = step + 1, step
 
     def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Add metrics at ``step``: merged into that step's record when it exists (validation), else appended."""
@@ -67,7 +70,9 @@ class TrainingHistory:
         if self.records and self.records[-1]["step"] == step:
             self.records[-1].update(values)
         else:
-            self.records.append({"step": step, "epoch": epoch, **values})
+            resumed = {} if self._resumed_from is None else {"resumed_from": self._resumed_from}
+            self.records.append({"step": step, "epoch": epoch, **values, **resumed})
+            self._resumed_from = None
         writer = self._tensorboard()
         for name, value in values.items():
             if value is not None:

@@ -62,7 +62,7 @@ def decode_labeled(batch: pa.Table, spec: dict, max_pixels: int) -> dict[str, np
 
 
 def decode_mixed(batch: pa.Table, spec: dict, max_pixels: int, feature_dim: int) -> dict[str, np.ndarray]:
-    """Distill: :func:`decode_labeled` plus ``labeled``, ``has_feature`` and ``feature`` (N, D)."""
+    """Distill: :func:`decode_labeled` plus ``labeled``, ``has_feature``, ``feature`` (N, D) and the ``row`` id."""
     out = decode_labeled(batch, spec, max_pixels)
     features = np.zeros((len(batch), max(1, feature_dim)), dtype=np.float32)
     has = np.zeros(len(batch), dtype=np.uint8)
@@ -70,4 +70,4 @@ def decode_mixed(batch: pa.Table, spec: dict, max_pixels: int, feature_dim: int)
         if row is not None and feature_dim:
             features[i], has[i] = row, 1
     return {**out, "labeled": batch.column("labeled").to_numpy(zero_copy_only=False).astype(np.uint8),
-            "has_feature": has, "feature": features}
+            "has_feature": has, "feature": features, "row": batch.column("row").to_numpy().astype(np.int64)}

@@ -39,6 +39,7 @@ from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
 from cskd_ray.train.common import build_trainer
 from cskd_ray.train.ingest import decode_labeled
 from cskd_ray.train.launch import TaskFactory
+from cskd_ray.train.step import RowCounts
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ class SupervisedTask(nn.Module):
         return score_mse(out[rows], target[rows])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """EMD (r = 2) or normalised-score MSE on the valid rows."""
-        return {"loss": self.label_loss(self._outputs(batch), batch, batch["valid"].bool())}
+        """EMD (r = 2) or normalised-score MSE on the valid rows (this worker's share of the global-batch mean)."""
+        valid = batch["valid"].bool()
+        counts = RowCounts({"loss": valid})
+        return {"loss": counts.share("loss", self.label_loss(self._outputs(batch), batch, valid))}
 
     def validate(self, batches: Any) -> dict[str, float]:
         """``val_srcc``, ``val_plcc``, ``val_accuracy``, ``val_emd`` over all rows of ``batches``."""
