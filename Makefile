@@ -33,8 +33,9 @@ test: $(STAMP) browser ## Run the whole test suite, as CI does (CPU, local Ray, 
 test-fast: $(STAMP) ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
 	$(PY) -m pytest -m "not slow"
 
-lint: $(STAMP) ## Check style with ruff
+lint: $(STAMP) ## Check style with ruff, and the package's floors (imports only downward) with import-linter
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP) ## Run the speed benchmarks (side-by-side ratios, machine load recorded); ends with a table of targets
 	$(PY) benchmarks/run_all.py

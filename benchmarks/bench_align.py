@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from machine import MachineLoad
 
-from cskd_ray.config import load_config
-from cskd_ray.data.transforms import normalize_batch
+from cskd_ray.io.transforms import normalize_batch
 from cskd_ray.models import create_clip
+from cskd_ray.stages import load_config
 from cskd_ray.train.align import AlignTask
 
 

@@ -1,24 +1,24 @@
-"""Label-scarce quality proxy: a student trained on the labels alone vs the CSKD student, over several seeds.
+"""Label-scarce quality proxy: which part of CSKD helps, over several training seeds, with honest splits.
 
-Data: generated demo images (``cskd_ray.data.demo``: photo-like scenes whose hidden score depends on
-exposure, contrast, colourfulness, sharpness, composition and noise), ``--num-images`` of them with
-``--labeled-fraction`` labeled (AVA vote histograms; 30% of the labeled ones form the test split), the
-rest unlabeled. The pipeline is the real one (Ray Data + Ray Train, the same code as ``cskd-ray``):
+Data: generated demo images (``cskd_ray.io.demo``: photo-like scenes whose hidden score depends on exposure,
+contrast, colourfulness, sharpness, composition and noise), ``--num-images`` of them with
+``--labeled-fraction`` labeled (AVA vote histograms): 30% of the labeled ones are the test split, 25% of
+the rest the validation split (``labels.val_fraction``), the others train; the unlabeled images are the
+rest. CLIP is the demo's proxy (``cskd_ray.models.proxy_clip``: a tiny tower pre-trained on the generator's
+latent image properties, never on scores). The pipeline is the real one, the same flow as ``cskd-ray
+demo`` (:mod:`cskd_ray.app.demo`), in one Ray session:
 
-1. features: tiny random-initialised CLIP (``cskd-tiny-vit``) over every image (once);
-2. align: teacher encoder ``--teacher-encoder`` and student encoder ``--student-encoder`` (once each);
-3. for each seed (the training seed: initialisation of heads and shuffling; the data stay the same):
-   teacher on the labels → pseudo-labels of the unlabeled images → CSKD student (labels + pseudo-labels
-   + CLIP features) and, as the baseline, the same student with ``kd_weight=0, feat_weight=0`` (labels only,
-   the same number of epochs).
+1. once: data, the CLIP feature cache, phase 1 alignment of the teacher and student encoders;
+2. per seed (the training seed: heads, shuffling; the data and the aligned encoders stay the same): the
+   teacher on the labels → its pseudo-labels of the unlabeled images → the student arms:
+   ``labels_only`` (not aligned, labels), ``aligned_only`` (phase 1 + labels), ``pseudo_only`` (not aligned,
+   labels + pseudo-labels), ``cskd`` (phase 1 + labels + pseudo-labels + CLIP feature term);
+3. at the end, once: every model on the test split (each stage selected its checkpoint on validation).
 
-Both students are scored by the test-split SRCC of their best checkpoint (the stage's own model
-selection, the same for both arms). Honest caveat: CLIP here is random (no weights can be downloaded), so
-the feature term carries no pretrained knowledge; what is measured is what the teacher's pseudo-labels
-add. Last line:
-``RESULT quality labels_only_srcc=<mean> cskd_srcc=<mean> cskd_minus_labels_only=<mean diff> cskd_losses=<n>``.
+Last line: ``RESULT quality labels_only_srcc=<mean> aligned_srcc=<mean> cskd_srcc=<mean>
+cskd_minus_labels_only=<mean of per-seed differences> cskd_losses=<seeds where CSKD <= labels-only>``.
 
-Run: ``.venv/bin/python benchmarks/bench_quality.py [--num-images 4000] [--seeds 0 1 2] [--workdir DIR]``.
+Run: ``.venv/bin/python benchmarks/bench_quality.py [--num-images 800] [--seeds 0 1 2] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -30,74 +30,58 @@ import statistics
 import time
 from pathlib import Path
 
-from cskd_ray.data.demo import make_demo_data
-from cskd_ray.runtime import init_ray
-from cskd_ray.stage_runs import run_align_command, run_features_command, run_label_command, run_supervised_command
+from cskd_ray.app.demo import ARM_NAMES, DemoPlan, prepare, quiet_logs, train_arms
+from cskd_ray.app.demo_eval import evaluate_on_test
+from cskd_ray.app.runtime import init_ray
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo"
+ARMS = ("labels_only", "aligned_only", "pseudo_only", "cskd")
 
 
 def main() -> None:
+    """Runs the benchmark and prints the per-seed table and the RESULT line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=4000)
-    parser.add_argument("--labeled-fraction", type=float, default=0.1)
+    parser.add_argument("--num-images", type=int, default=DemoPlan.num_images)
+    parser.add_argument("--labeled-fraction", type=float, default=DemoPlan.labeled_fraction)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="runs/bench_quality")
-    parser.add_argument("--teacher-encoder", default="test_vit3")
-    parser.add_argument("--student-encoder", default="test_vit")
-    parser.add_argument("--teacher-epochs", type=int, default=12)
-    parser.add_argument("--student-epochs", type=int, default=3, help="CSKD epochs over labeled + unlabeled rows")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = DemoPlan(num_images=args.num_images, labeled_fraction=args.labeled_fraction)
     start, work = time.perf_counter(), Path(args.workdir).resolve()
-    data = work / "data"
-    if not (data / "AVA.txt").exists():
-        make_demo_data(data, args.num_images, args.labeled_fraction, seed=0, image_size=64, workers=2)
-    init_ray()
-    features = str(work / "features")
-    run_features_command(str(CONFIGS / "features.yaml"), ["batch_size=128"], [str(data / "images")], features)
-    aligned = {}
-    for role, encoder in (("teacher", args.teacher_encoder), ("student", args.student_encoder)):
-        folder = work / f"align-{role}"
-        if not (folder / "model" / "model.json").exists():
-            run_align_command(str(CONFIGS / "align.yaml"), [f"encoder.name={encoder}", "train.batch_size=64",
-                                                            "train.epochs=1"], [features], str(folder))
-        aligned[role] = str(folder / "model")
-    labels = [f"labels.images_root={data / 'images'}", f"labels.test_list={data / 'test.jpgl'}"]
-    rows = []
+    if not args.verbose:
+        quiet_logs()
+    init_ray(quiet=not args.verbose)
+    if not args.verbose:
+        quiet_logs()
+    shared = prepare(work, plan, print)
+    data, rows = shared["data"], []
     for seed in args.seeds:
         run = work / f"seed{seed}"
-        common = [*labels, f"train.seed={seed}", "train.batch_size=32", "train.warmup_steps=5"]
-        teacher = run_supervised_command("teacher", str(CONFIGS / "teacher.yaml"),
-                                         [*common, f"aligned={aligned['teacher']}",
-                                          f"train.epochs={args.teacher_epochs}"],
-                                         [str(data / "AVA.txt")], str(run / "teacher"))
-        run_label_command(str(CONFIGS / "label.yaml"), [f"model={run / 'teacher' / 'model'}", "batch_size=128"],
-                          [str(data / "unlabeled.csv")], str(run / "pseudo-labels"))
-        student_args = [*common, f"aligned={aligned['student']}", f"pseudo_labels={run / 'pseudo-labels'}",
-                        f"features={features}"]
-        cskd = run_supervised_command("distill", str(CONFIGS / "distill.yaml"),
-                                      [*student_args, f"train.epochs={args.student_epochs}"],
-                                      [str(data / "AVA.txt")], str(run / "student-cskd"))
-        # the baseline sees only the labeled rows: give it the teacher's epochs so it gets enough steps
-        baseline = run_supervised_command("distill", str(CONFIGS / "distill.yaml"),
-                                          [*student_args, "kd_weight=0", "feat_weight=0",
-                                           f"train.epochs={args.teacher_epochs}"],
-                                          [str(data / "AVA.txt")], str(run / "student-labels-only"))
-        rows.append({"seed": seed, "teacher_srcc": teacher["metrics"]["val_srcc"],
-                     "labels_only_srcc": baseline["metrics"]["val_srcc"], "cskd_srcc": cskd["metrics"]["val_srcc"],
-                     "labels_only_steps": baseline["steps"], "cskd_steps": cskd["steps"]})
-        print(json.dumps(rows[-1]), flush=True)
-    labels_only = statistics.mean(r["labels_only_srcc"] for r in rows)
-    cskd_mean = statistics.mean(r["cskd_srcc"] for r in rows)
-    losses = sum(r["cskd_srcc"] <= r["labels_only_srcc"] for r in rows)
-    print(f"{'seed':>5}{'teacher':>10}{'labels only':>14}{'CSKD':>8}")
-    for r in rows:
-        print(f"{r['seed']:>5}{r['teacher_srcc']:>10.3f}{r['labels_only_srcc']:>14.3f}{r['cskd_srcc']:>8.3f}")
+        results = train_arms(work, run, shared, plan, seed, print, tuple(args.arms))
+        models = {arm: str(run / ("teacher" if arm == "teacher" else f"student-{arm.replace('_', '-')}") / "model")
+                  for arm in results}
+        rows.append({"seed": seed, "val": {arm: r["metrics"]["val_srcc"] for arm, r in results.items()},
+                     "models": models})
+    for row in rows:  # the test split, once per model, after every model is trained
+        row["test"] = {arm: m["srcc"] for arm, m in evaluate_on_test(row["models"], data.ava_path, data.images_dir,
+                                                                     data.test_list_path).items()}
+        print(json.dumps({"seed": row["seed"], "test_srcc": row["test"], "val_srcc": row["val"]}), flush=True)
+    arms = ["teacher", *args.arms]
+    print(f"{'seed':>5}" + "".join(f"{ARM_NAMES[a].replace('student, ', ''):>30}" for a in arms))
+    for row in rows:
+        print(f"{row['seed']:>5}" + "".join(f"{row['test'][a]:>30.3f}" for a in arms))
+    means = {a: statistics.mean(r["test"][a] for r in rows) for a in arms}
+    spread = {a: (statistics.stdev(r["test"][a] for r in rows) if len(rows) > 1 else 0.0) for a in arms}
+    print(f"{'mean':>5}" + "".join(f"{means[a]:>22.3f} ± {spread[a]:.3f}" for a in arms))
     print(f"bench_quality: {args.num_images} images, {args.labeled_fraction:.0%} labeled, seeds {args.seeds}, "
           f"{time.perf_counter() - start:.0f} s")
-    print(f"RESULT quality labels_only_srcc={labels_only:.4f} cskd_srcc={cskd_mean:.4f} "
-          f"cskd_minus_labels_only={cskd_mean - labels_only:.4f} cskd_losses={losses}")
+    diffs = [r["test"]["cskd"] - r["test"]["labels_only"] for r in rows] if {"cskd", "labels_only"} <= set(arms) else []
+    losses = sum(d <= 0 for d in diffs)
+    print(f"RESULT quality labels_only_srcc={means.get('labels_only', float('nan')):.4f} "
+          f"aligned_srcc={means.get('aligned_only', float('nan')):.4f} cskd_srcc={means.get('cskd', float('nan')):.4f} "
+          f"cskd_minus_labels_only={statistics.mean(diffs) if diffs else float('nan'):.4f} cskd_losses={losses}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import sys
 
-from cskd_ray.cli import main
+from cskd_ray.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["pipeline", *sys.argv[1:]]))

@@ -56,12 +56,12 @@ def ray_session(s3_server: str) -> Iterator[None]:
 
     It starts after the S3 server so that its workers inherit the endpoint and test credentials. It declares
     the Tune trial-driver resource and runs the dashboard (on loopback) as ``init_ray`` does (ASHA-stopped
-    trials' placement groups are freed by ``cskd_ray.tune_release`` without it; Ray's state API needs it); it
+    trials' placement groups are freed by ``cskd_ray.stages.tune_release`` without it; Ray's state API needs it); it
     costs no measurable start-up time here.
     """
     import ray
 
-    from cskd_ray.runtime import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
+    from cskd_ray.train.placement import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
 
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_host="127.0.0.1", resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
@@ -99,7 +99,7 @@ def s3_server() -> Iterator[str]:
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"})
-    from cskd_ray import storage
+    from cskd_ray.io import storage
 
     storage._s3_filesystem.cache_clear()
     try:
@@ -127,7 +127,7 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
 
 def upload_dir(local: Path, s3_uri: str) -> None:
     """Copy a local folder's files to an S3 prefix (keys keep relative paths)."""
-    from cskd_ray import storage
+    from cskd_ray.io import storage
 
     for path in sorted(local.rglob("*")):
         if path.is_file():
@@ -137,7 +137,7 @@ def upload_dir(local: Path, s3_uri: str) -> None:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 demo images at 64 px (25% labeled) plus 4 corrupt files, generated once per session."""
-    from cskd_ray.data.demo import make_demo_data
+    from cskd_ray.io.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
     make_demo_data(out, 60, labeled_fraction=0.25, seed=0, image_size=64, num_corrupt=4)
@@ -148,8 +148,8 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def feature_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The features stage's cache of the session's demo images (tiny random CLIP), built once for every test that
     trains on it (align, train faults, distill)."""
-    from cskd_ray.config import load_config
-    from cskd_ray.features import run_features
+    from cskd_ray.stages import load_config
+    from cskd_ray.stages.features import run as run_features
 
     out = str(tmp_path_factory.mktemp("features") / "features")
     cfg = load_config("features", CONFIGS / "features.yaml", ["batch_size=32"],
@@ -166,13 +166,15 @@ def teacher_run(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathF
     Layout: ``teacher/`` (with ``model/``), ``first-history.jsonl`` (the history after the first run),
     ``pseudo-labels/``, ``evaluate-teacher/``. The teacher, report and distill tests read it; none writes into it.
     """
-    from cskd_ray.config import load_config
-    from cskd_ray.evaluation import EvaluationRequest, evaluate_model
-    from cskd_ray.labeling import run_label
-    from cskd_ray.train.supervise import run_teacher
+    from cskd_ray.stages import load_config
+    from cskd_ray.stages.evaluate import EvaluateConfig
+    from cskd_ray.stages.evaluate import run as run_evaluate
+    from cskd_ray.stages.label import run as run_label
+    from cskd_ray.stages.teacher import run as run_teacher
 
     run = tmp_path_factory.mktemp("run")
     base = [f"labels.images_root={demo_data / 'images'}", f"labels.test_list={demo_data / 'test.jpgl'}",
+            "labels.val_split=test", "labels.val_fraction=0",  # 15 labeled images: the test rows validate
             "aligned=null", "train.batch_size=4", "train.epochs=2", "train.warmup_steps=1", "decode_batch_size=4"]
     labels = [str(demo_data / "AVA.txt")]
     teacher = run / "teacher"
@@ -186,7 +188,7 @@ def teacher_run(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathF
     run_label(load_config("label", CONFIGS / "label.yaml", [f"model={teacher / 'model'}", "decode_batch_size=8"],
                           input_uris=[str(demo_data / "unlabeled.csv")], output_uri=str(run / "pseudo-labels")),
               progress=lambda line: None)
-    evaluate_model(EvaluationRequest(str(teacher / "model"), "ava", str(demo_data / "AVA.txt"),
-                                     str(run / "evaluate-teacher"), str(demo_data / "images"),
-                                     str(demo_data / "test.jpgl"), "test"))
+    run_evaluate(EvaluateConfig(str(teacher / "model"), "ava", str(demo_data / "AVA.txt"),
+                                str(run / "evaluate-teacher"), str(demo_data / "images"),
+                                str(demo_data / "test.jpgl"), "test"))
     return run

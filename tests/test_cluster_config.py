@@ -18,7 +18,8 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cskd_ray.config import STAGE_CONFIGS, load_config
+from cskd_ray.app.pipeline import load_pipeline_config
+from cskd_ray.stages import STAGE_CONFIGS, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "rayproject/ray:2.60.0-py311-gpu"
@@ -107,7 +108,7 @@ def test_rayjob_cluster_spec_is_read_by_rays_kuberay_autoscaler() -> None:
 
 
 def test_ava_pipeline_config_and_its_stage_configs_load() -> None:
-    cfg = load_config("pipeline", REPO / "jobs/configs/ava/pipeline.yaml")
+    cfg = load_pipeline_config(REPO / "jobs/configs/ava/pipeline.yaml")
     assert cfg.output.startswith("s3://") and cfg.demo_data is None
     for name, stage in cfg.stages.items():
         kind = "align" if name.startswith("align") else name
@@ -139,7 +140,7 @@ def test_ray_get_auth_token_generate_writes_the_token_cluster_yaml_copies(tmp_pa
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the aws CLI is not installed")
 def test_aws_s3_upload_commands_of_the_docs(s3_bucket: str, demo_data: Path, tmp_path: Path) -> None:
     """docs/cluster.md step 2 against the moto S3 server: sync uploads everything once, a rerun adds nothing."""
-    from cskd_ray import storage
+    from cskd_ray.io import storage
 
     env = dict(os.environ)  # AWS_ENDPOINT_URL and test credentials from the s3_server fixture
     images = f"{s3_bucket}/ava/images/"

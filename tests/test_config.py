@@ -1,4 +1,5 @@
-"""Tests for :mod:`cskd_ray.config`: the shipped YAML files, overrides and error messages."""
+"""Tests for :mod:`cskd_ray.config` (and ``cskd_ray.stages.load_config``): the shipped YAML files, overrides and error
+messages."""
 
 from __future__ import annotations
 
@@ -10,17 +11,12 @@ import pytest
 import yaml
 from conftest import REPO
 
-from cskd_ray.config import (
-    STAGE_CONFIGS,
-    ClipConfig,
-    ConfigError,
-    FeaturesConfig,
-    SourceConfig,
-    dump_config,
-    load_config,
-    parse_override,
-)
-from cskd_ray.data.decode import DEFAULT_MAX_PIXELS
+from cskd_ray.app.config_docs import CONFIGS
+from cskd_ray.config import ConfigError, dump_config, parse_override, resolve_config
+from cskd_ray.io.decode import DEFAULT_MAX_PIXELS
+from cskd_ray.io.sources import SourceConfig
+from cskd_ray.stages import STAGE_CONFIGS, load_config
+from cskd_ray.stages.features import ClipConfig, FeaturesConfig
 
 CONFIG_FILES = sorted((REPO / "jobs" / "configs").rglob("*.yaml"))
 DEMO = REPO / "jobs" / "configs" / "demo" / "features.yaml"
@@ -35,18 +31,21 @@ def test_shipped_configs_exist() -> None:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path: Path) -> None:
     stage = path.stem.split("-")[0]  # align-student.yaml is an align config
-    assert stage in STAGE_CONFIGS, f"{path}: no stage {stage!r}; name configs <stage>[-variant].yaml"
-    cfg = load_config(stage, path)
-    assert isinstance(cfg, STAGE_CONFIGS[stage])
+    assert stage in CONFIGS, f"{path}: no stage {stage!r}; name configs <stage>[-variant].yaml"
+    cfg = resolve_config(CONFIGS[stage], path, name=stage)  # a stage's, or the pipeline's
+    assert isinstance(cfg, CONFIGS[stage])
+    if stage in STAGE_CONFIGS:
+        assert load_config(stage, path) == cfg
     # the resolved config round-trips through its YAML dump
     assert (
-        load_config(
-            stage,
+        resolve_config(
+            CONFIGS[stage],
             None,
             [
                 f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                 for k, v in yaml.safe_load(dump_config(cfg)).items()
             ],
+            name=stage,
         )
         == cfg
     )
@@ -273,7 +272,7 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_stage_lists_stages() -> None:
-    from cskd_ray.config import STAGE_CONFIGS
+    from cskd_ray.stages import STAGE_CONFIGS
 
     assert {"features", "align", "teacher", "label"} <= set(STAGE_CONFIGS)
     with pytest.raises(ConfigError, match=rf"^unknown stage 'train'; valid stages: {', '.join(STAGE_CONFIGS)}$"):

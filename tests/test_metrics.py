@@ -227,7 +227,7 @@ def test_attention_entropy_uniform_and_one_hot() -> None:
 
 
 def test_evaluate_table_shows_krcc_and_fitted_plcc() -> None:
-    from cskd_ray.evaluation import format_table
+    from cskd_ray.stages.evaluate import format_table
 
     report = {"images": 9, "scored": 8, "errors": 1, "threshold": 5.0, "emd": None,
               **evaluate_scores([1.0, 2.0, 6.0], [1.5, 2.5, 7.0], threshold=5.0, extended=True)}

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cskd_ray import storage
+from cskd_ray.io import storage
 from cskd_ray.models.registry import WeightsUnavailableError, fetch_checkpoint, file_digest
 from cskd_ray.models.saved import MODEL_JSON, WEIGHTS, describe_scoring_model, scoring_model_id
 
@@ -82,7 +82,7 @@ def download_model(uri: str) -> str:
         RevisionNotFoundError,
     )
 
-    from cskd_ray import __version__
+    from cskd_ray._version import __version__
 
     hub = parse_hub_uri(uri)
     try:
@@ -202,7 +202,7 @@ def _upload(folder: str, hub: HubModel, private: bool, model_id: str) -> tuple[s
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    from cskd_ray import __version__
+    from cskd_ray._version import __version__
 
     api = HfApi(library_name="cskd_ray", library_version=__version__)
     try:

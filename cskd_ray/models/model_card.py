@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cskd_ray import storage
+from cskd_ray.io import storage
 from cskd_ray.models.hub import HubError, HubModel
 
 TAGS = ["image-aesthetics-assessment", "image-quality-assessment", "knowledge-distillation", "clip", "cskd", "timm"]

@@ -1,7 +1,8 @@
 """Create models by name, with their preprocessing: CLIP image towers (open_clip) and encoders (timm).
 
-The registry is filled at import (the tiny test CLIP configs in ``clip_configs/`` are added to
-open_clip's) and never changed at run time, so every Ray worker sees the same names.
+The registry is filled on the first CLIP call in each process (the tiny test CLIP configs in
+``clip_configs/`` are added to open_clip's) and never changed at run time, so every Ray worker sees the
+same names; importing this module does not import open_clip.
 
 CLIP weights (``pretrained``) may be:
 
@@ -11,6 +12,9 @@ CLIP weights (``pretrained``) may be:
 * a local checkpoint file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``), loaded without executing
   pickled code;
 * an ``s3://`` URI of such a file (downloaded once to ``$CSKD_RAY_CACHE``, default ``~/.cache/cskd_ray``).
+* ``"proxy"`` (model ``cskd-proxy-rn`` only): the demo's proxy CLIP, a tiny tower pre-trained on the demo
+  generator's latent image properties (no aesthetic labels), shipped with its sha256 and verified at load
+  (:mod:`cskd_ray.models.proxy_clip`). It is not OpenAI's CLIP.
 
 A model name of the form ``hf-hub:org/repo`` loads config and weights from the Hugging Face hub.
 Anything that cannot be fetched fails at once with :class:`WeightsUnavailableError`.
@@ -19,17 +23,19 @@ Anything that cannot be fetched fails at once with :class:`WeightsUnavailableErr
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 
-from cskd_ray import storage
-from cskd_ray.data.transforms import PreprocessSpec
+from cskd_ray.io import storage
+from cskd_ray.io.transforms import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +52,17 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights cannot be found or fetched; the message says what to do instead."""
 
 
-def _register_tiny_clip_configs() -> None:
+@functools.cache
+def _open_clip() -> ModuleType:
+    """open_clip, imported on first use with the tiny test CLIP configs registered.
+
+    Not at module import: open_clip pulls in torchvision and torch._dynamo (about 1 s on 2 cores), which a
+    scoring actor loading a timm student never needs.
+    """
     import open_clip
 
     open_clip.add_model_config(CLIP_CONFIG_DIR)
-
-
-_register_tiny_clip_configs()
+    return open_clip
 
 
 @dataclass
@@ -88,14 +98,14 @@ def _unknown(kind: str, name: str, choices: list[str]) -> UnknownModelError:
 
 def list_clip_models() -> list[str]:
     """Names accepted by :func:`create_clip` (open_clip's configs plus the tiny test configs)."""
-    import open_clip
+    open_clip = _open_clip()
 
     return list(open_clip.list_models())
 
 
 def list_clip_pretrained(name: str) -> list[str]:
     """The open_clip pretrained tags known for a CLIP model name."""
-    import open_clip
+    open_clip = _open_clip()
 
     return list(open_clip.list_pretrained_tags_by_model(name))
 
@@ -190,7 +200,7 @@ class ClipImageTower(nn.Module):
 
 
 def _build_clip(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module, str]:
-    import open_clip
+    open_clip = _open_clip()
 
     tag = (pretrained or "").strip()
     if name.startswith("hf-hub:"):
@@ -204,6 +214,10 @@ def _build_clip(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module
         return model, name
     if name not in list_clip_models():
         raise _unknown("CLIP", name, list_clip_models())
+    if tag == "proxy":  # the demo's proxy CLIP: shipped weights, sha256-verified (cskd_ray.models.proxy_clip)
+        from cskd_ray.models.proxy_clip import proxy_weights_path
+
+        tag = str(proxy_weights_path(name))
     if tag.lower() in RANDOM_WEIGHTS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -277,7 +291,7 @@ def describe_clip(name: str, pretrained: str | None = None, *, seed: int = 0) ->
         UnknownModelError: ``name`` is not a known model.
         WeightsUnavailableError: The weights cannot be found or fetched.
     """
-    import open_clip
+    open_clip = _open_clip()
 
     tag = (pretrained or "").strip()
     random_init = tag.lower() in RANDOM_WEIGHTS
@@ -303,7 +317,8 @@ def describe_clip(name: str, pretrained: str | None = None, *, seed: int = 0) ->
     return LoadedModel(model.visual, _clip_preprocess(model.visual), name, weights, _clip_dim(model.visual))
 
 
-def create_encoder(name: str, pretrained: bool | str = False, **kwargs: object) -> LoadedModel:
+def create_encoder(name: str, pretrained: bool | str = False, *, image_size: int | None = None,
+                   **kwargs: object) -> LoadedModel:
     """Create a timm encoder (no classifier; ``forward`` returns pooled features) with its preprocessing.
 
     Args:
@@ -311,6 +326,8 @@ def create_encoder(name: str, pretrained: bool | str = False, **kwargs: object) 
             ``test_vit``.
         pretrained: False for random weights, True for timm's default weights, or a checkpoint path /
             ``s3://`` URI.
+        image_size: Input side replacing the model's default in the preprocessing (convolutional encoders
+            only: they take any size, while a ViT's position embeddings fix its grid).
         **kwargs: Passed on to ``timm.create_model``.
     """
     import timm
@@ -331,8 +348,11 @@ def create_encoder(name: str, pretrained: bool | str = False, **kwargs: object) 
     else:
         weights = f"timm:{name}" if pretrained is True else "random:timm-init"
     data_cfg = timm.data.resolve_model_data_config(model)
+    if image_size is not None and hasattr(model, "patch_embed"):
+        raise UnknownModelError(f"encoder.image_size={image_size}: {name} is a patch-based model built for "
+                                f"{data_cfg['input_size'][-1]} px; image_size is for convolutional encoders only")
     spec = PreprocessSpec(
-        image_size=int(data_cfg["input_size"][-1]),
+        image_size=int(image_size or data_cfg["input_size"][-1]),
         mean=tuple(float(m) for m in data_cfg["mean"]),
         std=tuple(float(s) for s in data_cfg["std"]),
         interpolation=str(data_cfg.get("interpolation", "bicubic")),

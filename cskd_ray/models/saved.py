@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cskd_ray import storage
-from cskd_ray.data.transforms import PreprocessSpec
+from cskd_ray.io import storage
+from cskd_ray.io.transforms import PreprocessSpec
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
 from cskd_ray.models.registry import (
     WeightsUnavailableError,
@@ -85,7 +85,7 @@ class ScoringModel:
 
     def predict(self, pixels: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores (N,) and distributions (N, K) or None, in float32, of a normalised batch."""
-        from cskd_ray.precision import autocast
+        from cskd_ray.models.precision import autocast
 
         with torch.inference_mode(), autocast(pixels.device.type, precision):
             out = self.model(pixels).float()

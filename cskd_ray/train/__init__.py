@@ -1,1 +1,1 @@
-"""Ray Train stages: the shared per-worker loop, checkpoints, and the alignment stage."""
+"""Ray Train machinery: the shared per-worker loop, the task objects, checkpoints, history and shared configs."""

@@ -1,6 +1,7 @@
-"""Phase 1, alignment: train a timm encoder + projection head to match cached CLIP features.
+"""The alignment task (phase 1): a timm encoder + projection head trained to match cached CLIP features.
 
-Each Ray Train worker streams its shard of the feature cache joined with the images: Ray Data reads the
+The stage around it (config, checks, trainer, exported model) is :mod:`cskd_ray.stages.align`. Each Ray
+Train worker streams its shard of the feature cache joined with the images: Ray Data reads the
 cache's Parquet shards (``uri``, ``feature``), and CPU tasks read and decode each image and resize it
 for the encoder. No CLIP forward pass runs here: the targets come from the cache.
 
@@ -14,44 +15,39 @@ maps (features with ``tokens: true``) on the same grid as the student's (a ViT).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from cskd_ray import storage
-from cskd_ray.config import AlignConfig, ConfigError
-from cskd_ray.data.transforms import PreprocessSpec, normalize_batch
-from cskd_ray.feature_cache import FeatureCache
+from cskd_ray.config import ConfigError
+from cskd_ray.io import storage
+from cskd_ray.io.feature_cache import FeatureCache
+from cskd_ray.io.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import alignment_loss
 from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
 from cskd_ray.models.registry import create_encoder
-from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer
-from cskd_ray.train.ingest import decode_cached_rows
-from cskd_ray.train.launch import TaskFactory
+from cskd_ray.train.checkpoints import MODEL_FILE
+from cskd_ray.train.config import EncoderConfig
+from cskd_ray.train.ingest import as_large_lists, decode_cached_rows
 from cskd_ray.train.step import RowCounts
 
-MODEL_DIR = "model"
+MODEL_DIR = "model"  # the aligned model under the stage's output
 
 
 class AlignTask(nn.Module):
     """E + P trained so that P(E(x)) matches C(x); ``forward(batch)`` returns ``loss`` and ``cosine``."""
 
     def __init__(self, stage: dict, clip_dim: int) -> None:
+        """``stage``: the align stage's resolved config as a dict (``encoder``, ``loss``, ``token_beta``)."""
         super().__init__()
-        cfg = AlignConfig(**stage)
-        loaded = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)
+        encoder = EncoderConfig(**stage["encoder"])
+        loaded = create_encoder(encoder.name, encoder.pretrained, image_size=encoder.image_size)
         self.preprocess = loaded.preprocess
-        self.student = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, clip_dim, cfg.encoder.projection))
-        self.loss_name, self.beta = cfg.loss, cfg.token_beta
-        self.tokens = cfg.loss == "smooth_l1_tokens"  # clip_dim is then CLIP's token width
+        self.student = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, clip_dim, encoder.projection))
+        self.loss_name, self.beta = stage["loss"], float(stage["token_beta"])
+        self.tokens = stage["loss"] == "smooth_l1_tokens"  # clip_dim is then CLIP's token width
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything in E and P is trained."""
@@ -93,8 +89,10 @@ class AlignTask(nn.Module):
         return {"loss": counts.share("loss", loss), "cosine": counts.share("loss", cosine)}
 
 
-def check_token_grids(cfg: AlignConfig, meta: dict, encoder: nn.Module) -> int:
+def check_token_grids(cfg: Any, meta: dict, encoder: nn.Module) -> int:
     """For ``smooth_l1_tokens``: the cache has token maps and the student's patch grid equals CLIP's.
+
+    ``cfg`` is the align stage's config (its ``input`` and ``encoder.name`` name the culprits).
 
     Returns:
         CLIP's token width (the projection's output size).
@@ -130,79 +128,22 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     fs, _ = storage.resolve(cache_uri)
     ds = ray.data.read_parquet([storage.resolve(s)[1] for s in cache.shards()], filesystem=fs,
                                columns=["uri", column, "error"])
+    ds = ds.map_batches(as_large_lists, batch_size=None, batch_format="pyarrow")  # one type across shard versions
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column})
     return ds, rows
 
 
-@dataclass
-class AlignResult:
-    """What an align run did."""
-
-    output: str
-    steps: int
-    epochs: int
-    rows: int
-    metrics: dict
-    seconds: float
-    images_per_s: float
-
-
-def run_align(cfg: AlignConfig) -> AlignResult:
-    """Train (or resume) the alignment of ``cfg.encoder`` to the CLIP features at ``cfg.input``.
-
-    Checkpoints go to ``cfg.output/train`` (a rerun with the same output resumes from the latest one);
-    the aligned model is written to ``cfg.output/model`` (``model.safetensors`` + ``model.json``).
-    """
-    start = time.perf_counter()
-    meta = FeatureCache(cfg.input).read_meta() or {}
-    probe = create_encoder(cfg.encoder.name, cfg.encoder.pretrained)  # fails fast on a bad name or weights
-    tokens = cfg.loss == "smooth_l1_tokens"
-    target_dim = check_token_grids(cfg, meta, probe.model) if tokens and meta else int(meta.get("dim", 0))
-    dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels,
-                                     "tokens" if tokens else "feature")
-    world, batch = cfg.train.num_workers, cfg.train.batch_size
-    if batch % world:
-        raise ConfigError(f"train.batch_size {batch} must be a multiple of train.num_workers {world}")
-    steps_per_epoch = (rows // world) // (batch // world)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {batch} is larger than the {rows} cached images")
-    factory = TaskFactory(__name__, "AlignTask", {"clip_dim": target_dim})
-    trainer = build_trainer("align", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, dataset,
-                            cfg.output)
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        task_weights = load_file(str(Path(directory) / MODEL_FILE))
-    weights = save_safetensors({k.removeprefix("student."): v for k, v in task_weights.items()
-                                if k.startswith("student.")})
-    model_dir = storage.join(cfg.output, MODEL_DIR)
-    description = {"stage": "align", "encoder": cfg.encoder.model_dump(mode="json"), "clip_dim": target_dim,
-                   "target": "tokens" if tokens else "pooled",
-                   "clip": {k: meta.get(k) for k in ("model", "weights", "model_key", "random_weights")},
-                   "preprocess": probe.preprocess.to_dict(), "step": state["step"], "metrics": state["metrics"],
-                   "config": cfg.model_dump(mode="json")}
-    storage.write_bytes_once(storage.join(model_dir, MODEL_FILE), weights, overwrite=True)
-    storage.write_text_once(storage.join(model_dir, "model.json"), json.dumps(description, indent=2), overwrite=True)
-    seconds = time.perf_counter() - start
-    steps = int(state["step"])
-    return AlignResult(cfg.output, steps, cfg.train.epochs, rows, state["metrics"], seconds,
-                       steps * batch / seconds if seconds else 0.0)
-
-
 def load_aligned(model_dir: str) -> tuple[EncoderWithProjection, PreprocessSpec, dict]:
-    """Load an aligned encoder + projection written by :func:`run_align` (no pickled code runs)."""
+    """Load an aligned encoder + projection written by :func:`cskd_ray.stages.align.run` (no pickled code runs)."""
     from cskd_ray.models.registry import fetch_checkpoint, load_weights_into
 
     description = json.loads(storage.read_text(storage.join(model_dir, "model.json")))
     encoder = description["encoder"]
-    loaded = create_encoder(encoder["name"], False)
+    loaded = create_encoder(encoder["name"], False, image_size=encoder.get("image_size"))
     model = EncoderWithProjection(loaded.model, ProjectionHead(loaded.dim, description["clip_dim"],
                                                                encoder["projection"]))
     load_weights_into(model, fetch_checkpoint(storage.join(model_dir, MODEL_FILE)), encoder["name"])
     return model.eval(), loaded.preprocess, description
 
 
-def result_dict(result: AlignResult) -> dict:
-    """JSON-ready summary."""
-    return asdict(result)

@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cskd_ray import storage
-from cskd_ray.config import TrainerConfig
-from cskd_ray.tracking import start_worker_run
+from cskd_ray.io import storage
 from cskd_ray.train.checkpoints import (
     TrainState,
     latest_valid_checkpoint,
@@ -28,10 +26,12 @@ from cskd_ray.train.checkpoints import (
     unwrap,
     write_manifest,
 )
+from cskd_ray.train.config import TrainerConfig
 from cskd_ray.train.history import TrainingHistory
 from cskd_ray.train.launch import TaskFactory, train_worker_loop
 from cskd_ray.train.placement import forget_placement_group, register_placement_group
 from cskd_ray.train.step import global_metrics, make_optimizer, train_step
+from cskd_ray.train.tracking import start_worker_run
 
 # Ray Train callbacks that build_trainer adds to every trainer built in the current context (a trial of a
 # Tune sweep adds Tune's TuneReportCallback this way, so the stages need no Tune-specific argument).

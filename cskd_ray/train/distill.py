@@ -1,4 +1,6 @@
-"""Phase 2c, semi-supervised distillation: the aligned student learns from labels and pseudo-labels.
+"""The distillation task (phase 2c): the aligned student learns from labels and pseudo-labels.
+
+The stage around it (config, checks, trainer) is :mod:`cskd_ray.stages.distill`.
 
 Each batch mixes labeled rows (the label file's training split) and unlabeled rows (the pseudo-label
 table written by ``label``, optionally joined by content with the CLIP feature cache):
@@ -25,8 +27,6 @@ same views on whichever worker it lands, and again after a resume.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -35,27 +35,14 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from cskd_ray.config import ConfigError, DistillConfig
-from cskd_ray.data.datasets import table_dataset
-from cskd_ray.feature_cache import FeatureCache, ResultTable
-from cskd_ray.labeling import LABEL_SCHEMA
+from cskd_ray.config import ConfigError
+from cskd_ray.io.feature_cache import LABEL_SCHEMA, FeatureCache, ResultTable
 from cskd_ray.losses import cosine_alignment, emd_loss, score_mse
 from cskd_ray.models.heads import ProjectionHead
 from cskd_ray.train import augment
-from cskd_ray.train.common import build_trainer
-from cskd_ray.train.ingest import decode_mixed
-from cskd_ray.train.launch import TaskFactory
+from cskd_ray.train.config import AugmentConfig, ExtraTeacherConfig
 from cskd_ray.train.step import RowCounts
-from cskd_ray.train.supervise import (
-    HeadSpec,
-    SupervisedTask,
-    TeacherResult,
-    _encoder_for,
-    _head_spec,
-    best_checkpoint,
-    export_model,
-    labeled_datasets,
-)
+from cskd_ray.train.supervise import HeadSpec, SupervisedTask
 from cskd_ray.train.teachers import build_extra_teacher, load_scoring_teacher
 
 
@@ -65,22 +52,21 @@ class DistillTask(SupervisedTask):
     Terms: ``sup``, ``kd``, and when their weight is > 0, ``feat``, ``cons`` and ``teacher_<t>``.
     """
 
-    config_class = DistillConfig
-
     def __init__(self, stage: dict, head: dict, clip_dim: int) -> None:
+        """``stage``: the distill stage's resolved config as a dict; ``head``: a :class:`HeadSpec`'s fields."""
         super().__init__(stage, head)
-        cfg = DistillConfig(**stage)
-        self.kd_weight, self.feat_weight, self.cons_weight = cfg.kd_weight, cfg.feat_weight, cfg.consistency_weight
-        self.augment, self.seed, self.epoch = cfg.augment, cfg.train.seed, 0
+        self.kd_weight, self.feat_weight = float(stage["kd_weight"]), float(stage["feat_weight"])
+        self.cons_weight = float(stage["consistency_weight"])
+        self.augment, self.seed, self.epoch = AugmentConfig(**stage["augment"]), int(stage["train"]["seed"]), 0
         width = self.model.head.net[-1].in_features
-        self.projection = ProjectionHead(width, clip_dim) if cfg.feat_weight else None
-        self.teacher, self.teacher_head = load_scoring_teacher(cfg.teacher_model) if cfg.consistency_weight \
+        self.projection = ProjectionHead(width, clip_dim) if self.feat_weight else None
+        self.teacher, self.teacher_head = load_scoring_teacher(stage["teacher_model"]) if self.cons_weight \
             else (None, {})
-        self.extra_teachers = [build_extra_teacher(t) for t in cfg.extra_teachers if t.weight > 0]
-        self.extra_weights = [t.weight for t in cfg.extra_teachers if t.weight > 0]
-        self.extra_projections = nn.ModuleList(
-            ProjectionHead(width, teacher.dim, t.projection)
-            for teacher, t in zip(self.extra_teachers, [t for t in cfg.extra_teachers if t.weight > 0], strict=True))
+        extra = [t for t in (ExtraTeacherConfig(**t) for t in stage["extra_teachers"]) if t.weight > 0]
+        self.extra_teachers = [build_extra_teacher(t) for t in extra]
+        self.extra_weights = [t.weight for t in extra]
+        self.extra_projections = nn.ModuleList(ProjectionHead(width, teacher.dim, t.projection)
+                                               for teacher, t in zip(self.extra_teachers, extra, strict=True))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student encoder, head and projections (the frozen teachers are not modules of the task)."""
@@ -165,7 +151,7 @@ class DistillTask(SupervisedTask):
         return cosine_alignment(projected[rows], target)
 
 
-def _unlabeled_rows(cfg: DistillConfig, labeled_uris: set[str], head: HeadSpec) -> tuple[pa.Table, int]:
+def unlabeled_rows(cfg: Any, labeled_uris: set[str], head: HeadSpec) -> tuple[pa.Table, int]:
     """Pseudo-labeled rows (not labeled ones) with their CLIP feature when the cache has it; and the dim."""
     pseudo = ResultTable(cfg.pseudo_labels, LABEL_SCHEMA)
     if pseudo.read_meta() is None:
@@ -194,7 +180,7 @@ def _unlabeled_rows(cfg: DistillConfig, labeled_uris: set[str], head: HeadSpec) 
     return rows, dim
 
 
-def check_teachers(cfg: DistillConfig, head: HeadSpec) -> None:
+def check_teachers(cfg: Any, head: HeadSpec) -> None:
     """Fail before training when a teacher cannot be built or its outputs do not fit the student's head."""
     from cskd_ray.models.saved import describe_scoring_model
     from cskd_ray.train.teachers import describe_extra_teacher
@@ -211,48 +197,9 @@ def check_teachers(cfg: DistillConfig, head: HeadSpec) -> None:
             raise ConfigError(f"extra_teachers.{index}.name: {exc}") from exc
 
 
-def uses_unlabeled(cfg: DistillConfig) -> bool:
+def uses_unlabeled(cfg: Any) -> bool:
     """Whether any term of the loss reads the unlabeled rows (λ_kd, λ_feat, λ_cons or an extra teacher)."""
     return bool(cfg.kd_weight or cfg.feat_weight or cfg.consistency_weight
                 or any(t.weight for t in cfg.extra_teachers))
 
 
-def run_distill(cfg: DistillConfig) -> TeacherResult:
-    """Train (or resume) the student; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
-    start = time.perf_counter()
-    _, preprocess, _ = _encoder_for(cfg)
-    _, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
-    head = _head_spec(cfg, train)
-    check_teachers(cfg, head)
-    unlabeled, dim = _unlabeled_rows(cfg, set(train.column("uri").to_pylist()), head)
-    labeled = pa.table({"uri": train.column("uri"), "score": train.column("score"),
-                        "distribution": train.column("distribution"),
-                        "labeled": pa.array(np.ones(len(train), dtype=bool)),
-                        "feature": pa.nulls(len(train), pa.list_(pa.float32()))})
-    if uses_unlabeled(cfg):
-        mixed = pa.concat_tables([labeled, unlabeled.cast(labeled.schema)])
-    else:  # every unlabeled term is off: a labels-only student, with batches of labeled rows only
-        mixed = labeled
-    mixed = mixed.take(pa.array(np.random.default_rng(cfg.train.seed).permutation(len(mixed))))
-    mixed = mixed.append_column("row", pa.array(np.arange(len(mixed), dtype=np.int64)))  # keys the augmentations
-    block = max(cfg.decode_batch_size, 64)
-    train_ds = table_dataset(mixed, block).map_batches(
-        decode_mixed, batch_size=cfg.decode_batch_size, batch_format="pyarrow",
-        fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": cfg.max_pixels, "feature_dim": dim})
-    world, batch = cfg.train.num_workers, cfg.train.batch_size
-    steps_per_epoch = (len(mixed) // world) // max(1, batch // world)
-    if batch % world or steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
-                          f"the {len(mixed)} training rows")
-    factory = TaskFactory(__name__, "DistillTask", {"head": asdict(head), "clip_dim": max(1, dim)})
-    trainer = build_trainer("distill", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
-                            cfg.output, val_dataset=val_ds, best_metric="val_srcc")
-    state, weights = best_checkpoint(trainer.fit())
-    export_model(cfg, head, preprocess, weights, state, stage="distill")
-    return TeacherResult(cfg.output, int(state["step"]), len(mixed), val_rows, asdict(head), state["metrics"],
-                         time.perf_counter() - start)
-
-
-def result_dict(result: TeacherResult) -> dict[str, Any]:
-    """JSON-ready summary."""
-    return asdict(result)

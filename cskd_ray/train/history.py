@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cskd_ray import storage
+from cskd_ray.io import storage
 
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.jsonl"

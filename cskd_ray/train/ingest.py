@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from cskd_ray import storage
-from cskd_ray.data.decode import decode_image
-from cskd_ray.data.transforms import PreprocessSpec, resize_crop
+from cskd_ray.io import storage
+from cskd_ray.io.decode import decode_image
+from cskd_ray.io.transforms import PreprocessSpec, resize_crop
 
 
 def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +32,13 @@ def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) 
         if decoded.ok:
             pixels[i], valid[i] = resize_crop(decoded.image, spec), 1
     return pixels, valid
+
+
+def as_large_lists(block: pa.Table) -> pa.Table:
+    """A cache block with its list columns as large lists, so blocks of old (``list``) and new shards concatenate."""
+    fields = [pa.field(f.name, pa.large_list(f.type.value_type)) if pa.types.is_list(f.type) else f
+              for f in block.schema]
+    return block.cast(pa.schema(fields))
 
 
 def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature") -> dict[str, np.ndarray]:

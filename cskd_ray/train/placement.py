@@ -9,13 +9,20 @@ without a dashboard, and on a machine running several local Rays.
 
 So rank 0 of every (re)started worker group records its placement group in the GCS key-value store under the
 run's output URI (:func:`register_placement_group`), and forgets it when the run ends normally; the sweep's
-:class:`cskd_ray.tune.ReleaseStoppedTrials` callback removes the recorded groups of every trial that Tune has
-finished with (:func:`release_placement_groups`). Nothing here needs the dashboard.
+:class:`cskd_ray.stages.tune_release.ReleaseStoppedTrials` callback removes the recorded groups of every trial
+that Tune has finished with (:func:`release_placement_groups`). Nothing here needs the dashboard.
 """
 
 from __future__ import annotations
 
 import logging
+
+# A custom resource for the driver of each Tune trial (it only builds and waits on a TorchTrainer), so a trial
+# holds no CPU of its own (RAY_NOTES: a trial on a whole CPU next to its Train workers deadlocks 2-core machines).
+# A cluster declares it on its head node (ray start --resources='{"trial_driver": 1000}'), a local Ray through
+# cskd_ray.app.runtime.init_ray; without it, a trial driver takes 0.01 CPU instead.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+TRIAL_DRIVER_SLOTS = 1000  # 0.01 per trial: 100 000 trials at once is no limit
 
 logger = logging.getLogger(__name__)
 _PREFIX = "cskd_ray/placement_groups/"

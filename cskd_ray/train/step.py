@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cskd_ray.config import TrainerConfig
-from cskd_ray.precision import autocast
+from cskd_ray.models.precision import autocast
+from cskd_ray.train.config import TrainerConfig
 
 
 def _distributed() -> bool:

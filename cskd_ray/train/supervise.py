@@ -1,4 +1,8 @@
-"""Phase 2a, the teacher: an aligned encoder + aesthetic head trained on labels, validated every epoch.
+"""The supervised task (phase 2a, the teacher; and the labeled part of distill): encoder + aesthetic head on labels.
+
+The stage around it (config, checks, trainer) is :mod:`cskd_ray.stages.teacher`; this module holds what runs on
+the Train workers and what the teacher and distill stages share: the head spec, the labeled datasets, the
+best checkpoint and the exported model folder.
 
 Losses (formulas in :mod:`cskd_ray.losses`):
 
@@ -14,7 +18,6 @@ Each checkpoint carries validation SRCC, PLCC, accuracy and EMD (r = 1); the che
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +29,18 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from cskd_ray import storage
-from cskd_ray.config import ConfigError, TeacherConfig
-from cskd_ray.data.datasets import table_dataset
-from cskd_ray.data.labels import load_labels
-from cskd_ray.data.transforms import PreprocessSpec, normalize_batch
+from cskd_ray.config import ConfigError
+from cskd_ray.io import storage
+from cskd_ray.io.datasets import table_dataset
+from cskd_ray.io.labels import TEST_SPLIT, carve_validation, load_labels
+from cskd_ray.io.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import emd_loss, score_mse
 from cskd_ray.metrics import evaluate_scores
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
 from cskd_ray.models.registry import create_encoder, encoder_dim
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.common import build_trainer
+from cskd_ray.train.config import EncoderConfig
 from cskd_ray.train.ingest import decode_labeled
-from cskd_ray.train.launch import TaskFactory
 from cskd_ray.train.step import RowCounts
 
 
@@ -59,26 +61,26 @@ class HeadSpec:
         return self.low + output * (self.high - self.low)
 
 
-def _encoder_for(stage: TeacherConfig) -> tuple[nn.Module, PreprocessSpec, int]:
-    if stage.aligned:
+def encoder_for(aligned: str | None, encoder: EncoderConfig) -> tuple[nn.Module, PreprocessSpec, int]:
+    """The encoder to fine-tune, its preprocessing and width: the aligned one, else a new ``encoder``."""
+    if aligned:
         from cskd_ray.train.align import load_aligned
 
-        aligned, preprocess, _ = load_aligned(stage.aligned)
-        return aligned.encoder.train(), preprocess, encoder_dim(aligned.encoder)
-    loaded = create_encoder(stage.encoder.name, stage.encoder.pretrained)
+        model, preprocess, _ = load_aligned(aligned)
+        return model.encoder.train(), preprocess, encoder_dim(model.encoder)
+    loaded = create_encoder(encoder.name, encoder.pretrained, image_size=encoder.image_size)
     return loaded.model, loaded.preprocess, loaded.dim
 
 
 class SupervisedTask(nn.Module):
     """E + H trained on labels; ``validate`` returns SRCC, PLCC, accuracy and EMD on the val batches."""
 
-    config_class: type[TeacherConfig] = TeacherConfig
-
     def __init__(self, stage: dict, head: dict) -> None:
+        """``stage``: the teacher (or distill) stage's resolved config as a dict; ``head``: :class:`HeadSpec` fields."""
         super().__init__()
-        cfg, self.spec = self.config_class(**stage), HeadSpec(**head)
-        encoder, self.preprocess, dim = _encoder_for(cfg)
-        self.model = EncoderWithHead(encoder, AestheticHead(dim, self.spec.kind, self.spec.bins, cfg.dropout))
+        self.spec = HeadSpec(**head)
+        encoder, self.preprocess, dim = encoder_for(stage.get("aligned"), EncoderConfig(**stage["encoder"]))
+        self.model = EncoderWithHead(encoder, AestheticHead(dim, self.spec.kind, self.spec.bins, stage["dropout"]))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Encoder and head are fine-tuned together."""
@@ -117,7 +119,8 @@ class SupervisedTask(nn.Module):
         return {f"val_{k}": float(v) for k, v in metrics.items() if v is not None and k != "n"}
 
 
-def _head_spec(cfg: TeacherConfig, train: pa.Table) -> HeadSpec:
+def head_spec(cfg: Any, train: pa.Table) -> HeadSpec:
+    """The head for the training labels: ``cfg.head`` (auto: distribution when every row has one), bins, range."""
     has_dist = train.column("distribution").null_count == 0
     kind = ("distribution" if has_dist else "scalar") if cfg.head == "auto" else cfg.head
     if kind == "distribution" and not has_dist:
@@ -130,11 +133,17 @@ def _head_spec(cfg: TeacherConfig, train: pa.Table) -> HeadSpec:
     return HeadSpec(kind, bins, low, high if high > low else low + 1.0, threshold)
 
 
-def labeled_datasets(cfg: TeacherConfig, preprocess: PreprocessSpec) -> tuple[Any, Any, pa.Table, int]:
-    """Train and val Ray datasets from the label file, the train table and the number of val rows."""
+def labeled_datasets(cfg: Any, preprocess: PreprocessSpec) -> tuple[Any, Any, pa.Table, int]:
+    """Train and val Ray datasets from the label file, the train table and the number of val rows.
+
+    ``cfg`` is a teacher or distill stage config (``input``, ``labels``, ``decode_batch_size``, ``max_pixels``).
+    """
     table = load_labels(cfg.labels.format, cfg.input, cfg.labels.images_root, test_list=cfg.labels.test_list)
-    is_val = pc.equal(table.column("split").fill_null(""), cfg.labels.val_split)
-    train, val = table.filter(pc.invert(is_val)), table.filter(is_val)
+    table = carve_validation(table, cfg.labels.val_fraction)
+    split = table.column("split").fill_null("")
+    is_val = pc.equal(split, cfg.labels.val_split)
+    # test rows never train: with val_split "val" they are held out for the one final evaluation
+    train, val = table.filter(pc.invert(pc.or_(is_val, pc.equal(split, TEST_SPLIT)))), table.filter(is_val)
     if len(val) == 0 or len(train) == 0:
         splits = sorted({str(s) for s in table.column("split").to_pylist()})
         raise ConfigError(f"labels.val_split {cfg.labels.val_split!r}: {cfg.input} has {len(train)} training and "
@@ -144,39 +153,6 @@ def labeled_datasets(cfg: TeacherConfig, preprocess: PreprocessSpec) -> tuple[An
     block = max(cfg.decode_batch_size, 64)
     datasets = [table_dataset(t, block).map_batches(decode_labeled, **kwargs) for t in (train, val)]
     return datasets[0], datasets[1], train, len(val)
-
-
-@dataclass
-class TeacherResult:
-    """What a teacher run did."""
-
-    output: str
-    steps: int
-    train_rows: int
-    val_rows: int
-    head: dict
-    metrics: dict
-    seconds: float
-
-
-def run_teacher(cfg: TeacherConfig) -> TeacherResult:
-    """Train (or resume) the teacher; export the checkpoint with the best ``val_srcc`` to ``output/model``."""
-    start = time.perf_counter()
-    _, preprocess, _ = _encoder_for(cfg)  # fails fast on a bad encoder or aligned folder
-    train_ds, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
-    head = _head_spec(cfg, train)
-    world, batch = cfg.train.num_workers, cfg.train.batch_size
-    steps_per_epoch = (len(train) // world) // max(1, batch // world)
-    if batch % world or steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {batch}: must be a multiple of train.num_workers {world} and at most "
-                          f"the {len(train)} training rows")
-    factory = TaskFactory(__name__, "SupervisedTask", {"head": asdict(head)})
-    trainer = build_trainer("teacher", cfg.model_dump(mode="json"), cfg.train, factory, steps_per_epoch, train_ds,
-                            cfg.output, val_dataset=val_ds, best_metric="val_srcc")
-    state, weights = best_checkpoint(trainer.fit())
-    export_model(cfg, head, preprocess, weights, state)
-    return TeacherResult(cfg.output, int(state["step"]), len(train), val_rows, asdict(head), state["metrics"],
-                         time.perf_counter() - start)
 
 
 def best_checkpoint(result: Any) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -189,7 +165,7 @@ def best_checkpoint(result: Any) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, weights
 
 
-def export_model(cfg: TeacherConfig, head: HeadSpec, preprocess: PreprocessSpec, weights: dict, state: dict,
+def export_model(cfg: Any, head: HeadSpec, preprocess: PreprocessSpec, weights: dict, state: dict,
                  stage: str = "teacher") -> None:
     """Write ``output/model``: ``model.safetensors`` (E + H) and ``model.json`` (how to rebuild and score)."""
     model_dir = storage.join(cfg.output, "model")

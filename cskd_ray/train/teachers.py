@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from cskd_ray.config import ExtraTeacherConfig
-from cskd_ray.data.transforms import PreprocessSpec
+from cskd_ray.io.transforms import PreprocessSpec
+from cskd_ray.train.config import ExtraTeacherConfig
 
 
 class FrozenTeacher:

@@ -1,0 +1,169 @@
+"""Killed processes: a model actor killed with SIGKILL mid-job, and a job's driver killed on a running cluster and
+rerun (the session's ``ray start --head``, as a user's job on a cluster).
+
+Both must end with one row per input, no duplicate, and (for the rerun) only the missing rows computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from ray_head import RayHead
+from test_adversarial_images import write_scoring_model
+
+from cskd_ray.io.feature_cache import SHARD_PREFIX, FeatureCache, ResultTable
+from cskd_ray.stages import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+CONFIGS = REPO / "jobs" / "configs" / "demo"
+SMALL_BATCHES = ["batch_size=4", "decode_batch_size=4", "shard_rows=4"]  # many shards: a kill lands mid-job
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 small demo images plus 2 corrupt files: enough batches that a kill lands mid-job."""
+    from cskd_ray.io.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("many")
+    make_demo_data(out, 160, labeled_fraction=0.1, seed=1, image_size=32, num_corrupt=2)
+    return out / "images"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scoring_model(tmp_path_factory.mktemp("kill-model") / "model")
+
+
+def _shards(output: Path) -> list[Path]:
+    return sorted(output.glob(f"{SHARD_PREFIX}*.parquet")) if output.exists() else []
+
+
+def _actor_pids(class_name: str) -> set[int]:
+    """Pids of this Ray node's worker processes running ``class_name`` (children of our raylet only)."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = set()
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if class_name in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def _table(stage: str, output: Path):
+    if stage == "features":
+        return FeatureCache(str(output)).read()
+    from cskd_ray.io.feature_cache import LABEL_SCHEMA
+
+    return ResultTable(str(output), LABEL_SCHEMA).read()
+
+
+def _assert_every_input_once(stage: str, output: Path, images: Path) -> None:
+    uris = _table(stage, output).column("uri").to_pylist()
+    assert len(uris) == len(set(uris)), "no duplicate rows"
+    assert sorted(uris) == sorted(str(p) for p in images.iterdir()), "every input has its row"
+
+
+@pytest.mark.parametrize(("stage", "actor_class"), [("features", "ClipFeatureActor"), ("label", "ScoreActor")])
+def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
+    ray_session, many_images: Path, model_dir: Path, tmp_path: Path, stage: str, actor_class: str
+) -> None:
+    output = tmp_path / stage
+    overrides = [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else [])]
+    cfg = load_config(
+        stage, CONFIGS / f"{stage}.yaml", overrides, input_uris=[str(many_images)], output_uri=str(output)
+    )
+    killed: list[int] = []
+
+    def kill_after_first_shard() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if _shards(output) and (pids := _actor_pids(actor_class)):
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(pids)
+                killed.append(len(_shards(output)) * 4)  # rows written when the actor died
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_first_shard, daemon=True)
+    watcher.start()
+    if stage == "features":
+        from cskd_ray.stages.features import run as run_features
+
+        result = run_features(cfg)
+    else:
+        from cskd_ray.stages.label import run as run_label
+
+        result = run_label(cfg)
+    watcher.join(timeout=5)
+    assert killed, f"the {actor_class} actor was killed"
+    assert killed[-1] < 162, "the kill landed before the last row was written"
+    assert result.new_rows == 162
+    _assert_every_input_once(stage, output, many_images)
+
+
+def _cli(
+    stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path: Path, head: RayHead
+) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "cskd_ray.app.cli",
+        stage,
+        str(CONFIGS / f"{stage}.yaml"),
+        "--input",
+        str(many_images),
+        "--output",
+        str(output),
+    ]
+    for item in [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else [])]:
+        args += ["--set", item]
+    return subprocess.Popen(
+        args,
+        env=head.driver_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("stage", ["features", "label"])
+def test_killed_driver_rerun_computes_only_the_missing_rows(
+    ray_head: RayHead, many_images: Path, model_dir: Path, tmp_path: Path, stage: str
+) -> None:
+    """SIGKILL the driver of a CLI job on a running cluster after a few shards (Ray then ends the job's workers and
+    actors), then rerun it to completion."""
+    output = tmp_path / stage
+    first = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
+    deadline = time.monotonic() + 240
+    while len(_shards(output)) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and any process it started
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL, "the job was still running when killed"
+    done_before = len(_table(stage, output))
+    assert 0 < done_before < 162
+    second = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    _assert_every_input_once(stage, output, many_images)
+    summary = next(line for line in out.splitlines() if line.startswith(f"{stage}: 162 images"))
+    assert f"{done_before} already" in summary and f"{162 - done_before} new rows" in summary, summary
+    if stage == "features":  # the run record says what was computed
+        record = json.loads(next((output / "_runs").iterdir()).read_text())["result"]
+        assert record["already_cached"] == done_before and record["new_rows"] == 162 - done_before

@@ -1,0 +1,139 @@
+"""Phase 1 on Ray Train: DDP equals one worker, the aligned model loads, token-map alignment, refusals.
+
+Resume, damaged checkpoints and killed workers: tests/train/test_train_faults.py (same set-up)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from cskd_ray.config import ConfigError
+from cskd_ray.stages import load_config
+from cskd_ray.stages.align import run as run_align
+from cskd_ray.stages.features import run as run_features
+from cskd_ray.train.align import load_aligned
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _align(cache: str, output: Path, *overrides: str):
+    base = ["train.batch_size=16", "train.epochs=2", "train.warmup_steps=1", "train.checkpoint_every=2",
+            "train.shuffle=false", "train.deterministic=true", "train.lr=0.01", "decode_batch_size=8"]
+    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
+                      input_uris=[cache], output_uri=str(output))
+    return run_align(cfg)
+
+
+def test_align_rejects_a_folder_that_is_not_a_feature_cache(ray_session, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not a feature cache"):
+        _align(str(tmp_path), tmp_path / "out")
+
+
+def test_ddp_two_workers_equal_one_worker_with_the_same_global_batch(feature_cache: str, tmp_path: Path) -> None:
+    """2 DDP workers x 30 rows train the same weights as 1 worker x 60 rows, up to 2% of how far they moved; the
+    aligned model (MLP projection) loads and projects into CLIP space.
+
+    Each step uses the whole dataset (global batch = 60 rows), so a step sees the same set of rows whichever
+    worker Ray Data hands them to, and test_vit has no batch statistics: averaging the two workers' mean
+    gradients equals the one worker's mean over 60 rows up to float summation order. AdamW divides by
+    sqrt(v) + eps, which magnifies those rounding differences on near-zero gradients. The bound is therefore
+    relative to the largest weight change (the difference seen here is about 1%), not an absolute epsilon.
+    """
+    common = ("train.batch_size=60", "train.epochs=3", "train.checkpoint_every=100", "encoder.projection=mlp")
+    _align(feature_cache, tmp_path / "one", *common, "train.num_workers=1")
+    _align(feature_cache, tmp_path / "two", *common, "train.num_workers=2")
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    initial = _initial_weights()
+    moved = max(float((one[k] - initial[k]).abs().max()) for k in one)
+    differ = max(float((one[k] - two[k]).abs().max()) for k in one)
+    print(f"ddp: weights moved by up to {moved:.3e}; 1 vs 2 workers differ by up to {differ:.3e}")
+    assert moved > 1e-3, "training moved the weights"
+    assert differ <= 0.02 * moved, f"1 vs 2 workers differ by {differ:.2e}; weights moved by {moved:.2e}"
+    model, preprocess, description = load_aligned(str(tmp_path / "two" / "model"))
+    x = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size)
+    assert model(x).shape == (2, description["clip_dim"]) == (2, 32)
+    assert description["encoder"]["projection"] == "mlp"
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from cskd_ray.models import create_encoder
+    from cskd_ray.models.heads import EncoderWithProjection, ProjectionHead
+
+    torch.manual_seed(0)  # train.seed: the loop seeds before building the task
+    encoder = create_encoder("test_vit")
+    return EncoderWithProjection(encoder.model, ProjectionHead(encoder.dim, 32, "mlp")).state_dict()
+
+
+@pytest.fixture(scope="module")
+def token_cache(ray_session, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """CLIP token maps of a tiny ViT at 160 px, patch 16: a 10×10 grid, like timm's test_vit."""
+    out = str(tmp_path_factory.mktemp("align-tokens") / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["batch_size=32", "clip.name=cskd-tiny-vit-160", "tokens=true", "max_images=24"],
+                      input_uris=[str(demo_data / "images")], output_uri=out)
+    run_features(cfg)
+    return out
+
+
+def test_token_cache_holds_clip_patch_tokens(token_cache: str, demo_data: Path) -> None:
+    import numpy as np
+
+    from cskd_ray.io.decode import decode_image
+    from cskd_ray.io.feature_cache import FeatureCache
+    from cskd_ray.io.transforms import normalize_batch, resize_crop
+    from cskd_ray.models import create_clip
+
+    cache = FeatureCache(token_cache, tokens=True)
+    meta = cache.read_meta()
+    assert meta["kind"] == "pooled+tokens" and meta["token_grid"] == [10, 10] and meta["token_dim"] == 64
+    table = cache.read().filter(cache.read(["error"]).column("error").is_null())
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["tokens"]) == 10 * 10 * 64 and len(row["feature"]) == 32
+    clip = create_clip("cskd-tiny-vit-160")
+    clip.model.visual.output_tokens = True
+    image = decode_image(Path(row["uri"]).read_bytes(), 10**8).image
+    pixels = resize_crop(image, clip.preprocess)[None]
+    with torch.no_grad():
+        pooled, tokens = clip.model(normalize_batch(pixels, clip.preprocess))
+    np.testing.assert_allclose(np.asarray(row["tokens"], np.float32), tokens.flatten().numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(row["feature"], np.float32), pooled[0].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_smooth_l1_tokens_alignment_trains_a_vit_on_token_maps(token_cache: str, tmp_path: Path) -> None:
+    result = _align(token_cache, tmp_path / "tokens", "loss=smooth_l1_tokens", "train.max_steps=2",
+                    "train.batch_size=8")
+    from cskd_ray.io.feature_cache import FeatureCache
+
+    with_feature = FeatureCache(token_cache, tokens=True).read(["error"]).column("error").null_count
+    assert result.steps == 2 and result.rows == with_feature >= 20  # corrupt files have no feature
+    description = json.loads((tmp_path / "tokens" / "model" / "model.json").read_text())
+    assert description["target"] == "tokens" and description["clip_dim"] == 64
+    assert 0.0 <= description["metrics"]["loss"] and -1.0 <= description["metrics"]["cosine"] <= 1.0
+    model, _, _ = load_aligned(str(tmp_path / "tokens" / "model"))
+    assert model.projection.net.out_features == 64
+
+
+def test_smooth_l1_tokens_refuses_pooled_caches_and_mismatched_grids(feature_cache: str, token_cache: str,
+                                                                      tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds pooled features only; run `features` with tokens: true"):
+        _align(feature_cache, tmp_path / "a", "loss=smooth_l1_tokens")
+    with pytest.raises(ConfigError, match=r"'test_resnet' is not a ViT"):
+        _align(token_cache, tmp_path / "b", "loss=smooth_l1_tokens", "encoder.name=test_resnet")
+    with pytest.raises(ConfigError, match=r"\(14, 14\) token grid, CLIP cskd-tiny-vit-160 has \(10, 10\)"):
+        _align(token_cache, tmp_path / "c", "loss=smooth_l1_tokens", "encoder.name=vit_tiny_patch16_224")
+
+
+def test_token_features_need_a_vit_clip(demo_data: Path, tmp_path: Path) -> None:
+    from cskd_ray.stages.features import plan_features
+
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["clip.name=RN50", "tokens=true"], input_uris=[str(demo_data / "images")],
+                      output_uri=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match=r"tokens: true needs a ViT CLIP.*'RN50' has none"):
+        plan_features(cfg)
