@@ -16,7 +16,8 @@ Wide rows: feature columns are Arrow *large* lists (64-bit offsets). A plain ``l
 2**31 - 1 values per array, which a shard of 8,192 ViT-L/14 token maps (256 × 1024 values each) already
 exceeds when its buffered batches are concatenated. Shards are written in row groups of about
 :data:`ROW_GROUP_BYTES`, so a reader streams a shard of token maps a group at a time. Shards written with
-``list`` columns by earlier versions are read as large lists (:meth:`ResultTable.read` casts to the schema).
+``list`` columns by earlier versions are read as large lists (:meth:`ResultTable.read`), keeping their
+value type (float16 or float32, as the features stage wrote them).
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def with_large_lists(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every ``list`` field as a ``large_list`` of the same values (shards of older versions)."""
+    return pa.schema([pa.field(f.name, pa.large_list(f.type.value_type), f.nullable) if pa.types.is_list(f.type)
+                      else f for f in schema])
+
+
 def row_group_rows(table: pa.Table, group_bytes: int = ROW_GROUP_BYTES) -> int:
     """Rows per Parquet row group so that a group holds about ``group_bytes`` of ``table`` in memory (>= 1 row)."""
     per_row = table.nbytes / max(len(table), 1)
@@ -97,9 +104,13 @@ class ResultTable:
             return self.schema.empty_table().select(columns or self.schema.names)
         fs, _ = storage.resolve(self.uri)
         paths = [storage.resolve(s)[1] for s in shards]
-        return storage.retry_io(lambda: pads.dataset(paths, schema=self.schema, filesystem=fs,
-                                                     format="parquet").to_table(columns=columns, filter=filter_expr),
-                                self.uri)
+
+        def scan() -> pa.Table:
+            found = pads.dataset(paths, filesystem=fs, format="parquet")  # the schema of the shards themselves
+            return pads.dataset(paths, schema=with_large_lists(found.schema), filesystem=fs,
+                                format="parquet").to_table(columns=columns, filter=filter_expr)
+
+        return storage.retry_io(scan, self.uri)
 
     def lookup(self, digests: set[str]) -> pa.Table:
         """One row per digest found in the cache: a row with a feature when there is one, else its error row."""

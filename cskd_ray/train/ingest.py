@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from cskd_ray.io import storage
 from cskd_ray.io.decode import decode_image
+from cskd_ray.io.feature_cache import with_large_lists
 from cskd_ray.io.transforms import PreprocessSpec, resize_crop
 
 
@@ -36,9 +37,7 @@ def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) 
 
 def as_large_lists(block: pa.Table) -> pa.Table:
     """A cache block with its list columns as large lists, so blocks of old (``list``) and new shards concatenate."""
-    fields = [pa.field(f.name, pa.large_list(f.type.value_type)) if pa.types.is_list(f.type) else f
-              for f in block.schema]
-    return block.cast(pa.schema(fields))
+    return block.cast(with_large_lists(block.schema))
 
 
 def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature") -> dict[str, np.ndarray]:
