@@ -2,8 +2,9 @@
 
 The public Python API is what ``__all__`` lists: each stage's ``run`` function and typed config (the same ones
 the ``cskd-ray`` command line, ``jobs/*.py``, the pipeline and Ray Tune call), :func:`load_config` to build a
-stage's config from YAML and overrides, :func:`load` to score images in plain Python, and the label readers
-and metrics. For example::
+stage's config from YAML and overrides and :func:`check_stage` to run the checks the command line runs before
+Ray starts, the whole pipeline (:func:`run_pipeline`), :func:`load` / :class:`Predictor` to score images in
+plain Python, and the label readers and metrics. For example::
 
     import cskd_ray
 
@@ -26,6 +27,7 @@ from cskd_ray._version import __version__
 # Public name -> "module:attribute" (imported on first use; see __getattr__).
 _EXPORTS = {
     "load_config": "cskd_ray.stages:load_config",
+    "check_stage": "cskd_ray.stages:check_stage",
     "ConfigError": "cskd_ray.config:ConfigError",
     "run_features": "cskd_ray.stages.features:run",
     "FeaturesConfig": "cskd_ray.stages.features:FeaturesConfig",
@@ -47,6 +49,10 @@ _EXPORTS = {
     "ScoreConfig": "cskd_ray.stages.score:ScoreConfig",
     "run_export": "cskd_ray.stages.export:run",
     "ExportConfig": "cskd_ray.stages.export:ExportConfig",
+    "run_pipeline": "cskd_ray.app.pipeline:run_pipeline",
+    "PipelineConfig": "cskd_ray.app.pipeline:PipelineConfig",
+    "load_pipeline_config": "cskd_ray.app.pipeline:load_pipeline_config",
+    "Predictor": "cskd_ray.stages.predict:Predictor",
     "load_labels": "cskd_ray.io.labels:load_labels",
     "metrics": "cskd_ray.metrics:",
 }
@@ -54,11 +60,11 @@ _EXPORTS = {
 __all__ = ["__version__", "load", *_EXPORTS]
 
 
-def load(model, **kwargs):  # noqa: ANN001, ANN201 - thin lazy re-export, typed at the target
+def load(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201 - thin lazy re-export, typed at the target
     """Load a scoring model for plain-Python use; see :func:`cskd_ray.stages.predict.load` (imported on call)."""
     from cskd_ray.stages.predict import load as _load
 
-    return _load(model, **kwargs)
+    return _load(model, *args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from cskd_ray.config import StrictModel, resolve_config
+from cskd_ray.config import ConfigError, StrictModel, resolve_config
 from cskd_ray.io import storage
 from cskd_ray.io.labels import LabelsConfig
 
@@ -124,6 +124,18 @@ def make_demo_inputs(cfg: PipelineConfig, say: Printer) -> None:
                    num_corrupt=demo.num_corrupt)
 
 
+def check_test_split(cfg: PipelineConfig) -> None:
+    """Fail before any stage runs when the label file has no ``test`` rows (``evaluate`` reads that split only)."""
+    from cskd_ray.io.labels import load_labels
+
+    labels = cfg.labels
+    table = load_labels(labels.format, cfg.label_file, labels.images_root, test_list=labels.test_list)
+    if "test" not in set(table.column("split").to_pylist()):
+        raise ConfigError(f"label_file {cfg.label_file}: no rows in split 'test', which evaluate reads once at the "
+                          "end; give labels.test_list (AVA) or a label file with a test split, or add evaluate to "
+                          "skip")
+
+
 def run_pipeline(cfg: PipelineConfig, say: Printer = print) -> dict[str, Any]:
     """Run every stage not in ``cfg.skip`` in order, skipping complete ones; returns and saves the summary."""
     from cskd_ray.app.commands import run_align_command, run_features_command, run_label_command, run_supervised_command
@@ -147,6 +159,8 @@ def run_pipeline(cfg: PipelineConfig, say: Printer = print) -> dict[str, Any]:
                                        "seconds": round(time.perf_counter() - began, 2)}
 
     make_demo_inputs(cfg, say)
+    if "evaluate" not in cfg.skip:
+        check_test_split(cfg)
     labels = _labels_overrides(cfg)
     stage("features", False, lambda: run_features_command(*_stage_args(cfg, "features"), cfg.input,
                                                           paths["features"]))

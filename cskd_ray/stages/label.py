@@ -27,7 +27,6 @@ from cskd_ray.io.preflight import check_paths, check_sources
 from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
 from cskd_ray.io.sources import expand_sources
 from cskd_ray.io.transforms import PreprocessSpec
-from cskd_ray.models.saved import describe_scoring_model, scoring_model_id
 
 
 class LabelConfig(ImagePassConfig):
@@ -103,8 +102,13 @@ def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] 
     The pass shared by ``label`` and ``score``: one row per input URI, a rerun scores only what is
     missing, and the same content under several URIs is scored once. ``stage`` names the progress lines.
     """
+    from cskd_ray.models.hub import is_hub_uri, pin_revision
+    from cskd_ray.models.saved import describe_scoring_model, scoring_model_id
+
     progress = progress or logger.info
     start = time.perf_counter()
+    if is_hub_uri(cfg.model):  # one commit for every actor, also when run() is called without check()
+        cfg.model = pin_revision(cfg.model)
     description = describe_scoring_model(cfg.model)  # fails fast before any image is read
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
     preprocess = PreprocessSpec.from_dict(description["preprocess"])
@@ -143,6 +147,8 @@ def check(cfg: LabelConfig) -> None:
     if not storage.exists(storage.join(cfg.model, "model.json")):  # cheap, before importing torch
         raise ConfigError(f"model {cfg.model}: not a model folder (no model.json); run `teacher` first and "
                           "pass its output/model")
+    from cskd_ray.models.saved import describe_scoring_model
+
     describe_scoring_model(cfg.model)
 
 

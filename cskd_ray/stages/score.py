@@ -35,8 +35,6 @@ from cskd_ray.config import dump_config
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
 from cskd_ray.io.preflight import check_paths, check_sources
-from cskd_ray.models.hub import is_hub_uri, pin_revision
-from cskd_ray.models.saved import describe_scoring_model, scoring_model_id, verified_export_file
 from cskd_ray.stages.label import LabelConfig, result_dict, score_missing
 
 
@@ -45,7 +43,7 @@ class ScoreConfig(LabelConfig):
 
     model: str = Field(description="Model folder written by teacher or distill (output/model), or by export.")
     min_score: float | None = Field(
-        None, description="Also write OUTPUT/min_score-<t>.csv: the URIs (and scores) at or above this score."
+        None, description="Also write OUTPUT/_manifests/min_score-<t>.csv: the URIs (and scores) at or above this score."
     )
     shard_rows: int = Field(1024, ge=1, description="Rows per output Parquet shard (a kill loses at most these).")
 
@@ -109,6 +107,8 @@ def run(cfg: ScoreConfig, progress: Callable[[str], None] | None = None) -> dict
 
     Ray must be initialised. Returns the summary (also saved under ``OUTPUT/_runs/``).
     """
+    from cskd_ray.models.saved import describe_scoring_model
+
     result = score_missing(cfg, "score", progress)
     head = describe_scoring_model(cfg.model)["head"]
     table = ResultTable(cfg.output, LABEL_SCHEMA).read(["uri", "score", "error"])
@@ -130,6 +130,9 @@ def check(cfg: ScoreConfig) -> None:
     driver fetched, so every actor loads the same weights; an export's file must match its checksum; an
     existing output must hold this model's scores.
     """
+    from cskd_ray.models.hub import is_hub_uri, pin_revision
+    from cskd_ray.models.saved import describe_scoring_model, scoring_model_id, verified_export_file
+
     check_paths(cfg)
     check_sources(cfg)
     if is_hub_uri(cfg.model):
