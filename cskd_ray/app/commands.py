@@ -1,9 +1,10 @@
 """What each ``cskd-ray`` command does once its arguments are parsed: load and check, start or join Ray, run, print.
 
 The CLI (:mod:`cskd_ray.app.cli`) only parses arguments and calls one function here per command; the pipeline
-(:mod:`cskd_ray.app.pipeline`) calls the stage commands too, so a stage prints and fails the same way in both. Every user error surfaces in the stage's checks
-(:func:`cskd_ray.stages.check_stage`), before Ray starts; the work itself is the stage's ``run``. Modules
-that load torch or Ray are imported inside the functions, so ``cskd-ray --help`` stays fast.
+(:mod:`cskd_ray.app.pipeline`) calls the stage commands too, so a stage prints and fails the same way in both.
+Every user error surfaces in the stage's checks (:func:`cskd_ray.stages.check_stage`), before Ray starts; the
+work itself is the stage's ``run``. Modules that load torch or Ray are imported inside the functions, so
+``cskd-ray --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class ScoreConfig(LabelConfig):
 
     model: str = Field(description="Model folder written by teacher or distill (output/model), or by export.")
     min_score: float | None = Field(
-        None, description="Also write OUTPUT/_manifests/min_score-<t>.csv: the URIs (and scores) at or above this score."
+        None, description="Also write OUTPUT/_manifests/min_score-<t>.csv: the URIs (and scores) at or above this "
+        "score."
     )
     shard_rows: int = Field(1024, ge=1, description="Rows per output Parquet shard (a kill loses at most these).")
 
