@@ -64,10 +64,20 @@ def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def with_large_lists(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with every ``list`` field as a ``large_list`` of the same values (shards of older versions)."""
-    return pa.schema([pa.field(f.name, pa.large_list(f.type.value_type), f.nullable) if pa.types.is_list(f.type)
-                      else f for f in schema])
+def with_large_lists(schema: pa.Schema, declared: pa.Schema | None = None) -> pa.Schema:
+    """``schema`` with its ``list`` fields as ``large_list`` of the same values (shards of older versions).
+
+    With ``declared``, only the fields that ``declared`` has as large lists (the feature columns; a score
+    table's short ``distribution`` stays a ``list``).
+    """
+    def promote(field: pa.Field) -> bool:
+        if not pa.types.is_list(field.type):
+            return False
+        return declared is None or (field.name in declared.names
+                                    and pa.types.is_large_list(declared.field(field.name).type))
+
+    return pa.schema([pa.field(f.name, pa.large_list(f.type.value_type), f.nullable) if promote(f) else f
+                      for f in schema])
 
 
 def row_group_rows(table: pa.Table, group_bytes: int = ROW_GROUP_BYTES) -> int:
@@ -107,7 +117,7 @@ class ResultTable:
 
         def scan() -> pa.Table:
             found = pads.dataset(paths, filesystem=fs, format="parquet")  # the schema of the shards themselves
-            return pads.dataset(paths, schema=with_large_lists(found.schema), filesystem=fs,
+            return pads.dataset(paths, schema=with_large_lists(found.schema, self.schema), filesystem=fs,
                                 format="parquet").to_table(columns=columns, filter=filter_expr)
 
         return storage.retry_io(scan, self.uri)

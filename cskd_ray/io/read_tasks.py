@@ -21,6 +21,7 @@ import numpy as np
 
 from cskd_ray.io import storage
 from cskd_ray.io.decode import decode_image
+from cskd_ray.io.fetch import read_many
 from cskd_ray.io.transforms import PreprocessSpec, resize_crop
 
 
@@ -53,8 +54,12 @@ class ContentRegistry:
         return [self.owner.setdefault(digest, row) == row for digest, row in zip(digests, rows, strict=True)]
 
 
-def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int, registry: Any) -> dict:
+def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int, registry: Any,
+                      read_threads: int = 1) -> dict:
     """Ray Data task: read, hash, claim, decode and resize/crop a batch of ``uri`` rows with their ``row`` ids.
+
+    The batch's inputs are read with up to ``read_threads`` reads in flight (:func:`cskd_ray.io.fetch.read_many`:
+    local files, s3:// objects, http(s) URLs with retries); a failed read is that row's ``read error``.
 
     Returns columns ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8, ``error``
     (``""`` when fine: a string column keeps its type through Ray's block conversions) and ``deferred``
@@ -67,12 +72,11 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
     uris = [str(u) for u in batch["uri"]]
     contents: list[bytes | None] = []
     digests, errors = [""] * n, [""] * n
-    for i, uri in enumerate(uris):
-        try:
-            data = storage.read_bytes(uri)
+    for i, data in enumerate(read_many(uris, read_threads, storage.read_bytes)):
+        if isinstance(data, Exception):
+            data, errors[i] = None, f"read error: {data}"
+        else:
             digests[i] = hashlib.sha256(data).hexdigest()
-        except (OSError, ValueError) as exc:
-            data, errors[i] = None, f"read error: {exc}"
         contents.append(data)
     readable = [i for i in range(n) if digests[i]]
     rows = [int(r) for r in batch["row"]]

@@ -39,6 +39,10 @@ class ImagePassConfig(StrictModel):
         0.5, gt=0, description="CPUs per read/decode task; unlike the actors' value, so Ray does not fuse decoding "
         "into the actors (it then overlaps model start-up and compute)."
     )
+    read_threads: int = Field(
+        8, ge=1, description="Reads in flight per read/decode task (object-store GETs and http(s) URLs are "
+        "latency-bound); 1 reads one input at a time."
+    )
     concurrency: int = Field(1, ge=1, description="Number of model actors.")
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each model actor.")
     num_gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs.")
@@ -68,6 +72,7 @@ class PipelineOptions:
     batch_size: int
     decode_batch_size: int
     decode_num_cpus: float
+    read_threads: int
     concurrency: int
     num_cpus_per_actor: float
     num_gpus_per_actor: float | None
@@ -160,7 +165,7 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
     ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
                         num_cpus=options.decode_num_cpus,
                         fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
-                                   "registry": registry})
+                                   "registry": registry, "read_threads": options.read_threads})
     ds = ds.map_batches(
         actor_cls, batch_size=options.batch_size, batch_format="numpy",
         fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},

@@ -2,8 +2,10 @@
 
 :func:`expand_sources` turns source configs into one ordered list of URIs:
 
-1. each source is listed (a directory, S3 prefix or glob) or read (a CSV/Parquet manifest with a
-   ``uri`` column; relative URIs are resolved against the manifest's folder);
+1. each source is listed (a directory, S3 prefix or glob) or read (a manifest: CSV/Parquet with a ``uri``
+   column, or a ``url`` column as img2dataset's inputs have, or a ``.txt`` list with one URI per line and
+   ``#`` comments; entries may be paths, s3:// URIs or http(s) URLs, and relative paths are resolved against
+   the manifest's folder);
 2. a per-source ``max_images`` keeps a seeded random sample of that many (in listing order);
 3. a global ``max_images`` is shared between sources in proportion to their weights
    (n_i = ⌊N · w_i / Σw⌋ plus largest remainders, with what a small source cannot fill handed on);
@@ -28,21 +30,24 @@ from pydantic import Field
 
 from cskd_ray.config import StrictModel
 from cskd_ray.io import storage
+from cskd_ray.io.fetch import is_url
 
 
 class SourceConfig(StrictModel):
     """One input source: a directory/prefix, a glob, or a manifest (CSV/Parquet with a ``uri`` column)."""
 
-    uri: str = Field(description="Local path or s3:// URI of a directory, prefix, glob or manifest file.")
+    uri: str = Field(description="Local path or s3:// URI of a directory, prefix, glob or manifest file (.csv / "
+                     ".parquet with a uri or url column, .txt with one URI or http(s) URL per line).")
     weight: float = Field(1.0, gt=0, description="Relative share of this source when sources are mixed.")
     max_images: int | None = Field(None, ge=1, description="Cap on the images taken from this source.")
     suffixes: list[str] | None = Field(None, description="Keep only names with these endings, e.g. [.jpg].")
     kind: Literal["auto", "listing", "manifest"] = Field(
-        "auto", description="auto: a .csv/.parquet file is a manifest, anything else is listed."
+        "auto", description="auto: a .csv/.parquet/.txt file is a manifest, anything else is listed."
     )
 
 
-MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".txt")
+URI_COLUMNS = ("uri", "url")  # the first one a manifest has is read
 
 
 class SourceError(ValueError):
@@ -55,12 +60,14 @@ def _is_manifest(source: SourceConfig) -> bool:
     return source.uri.lower().endswith(MANIFEST_SUFFIXES) and not any(c in source.uri for c in "*?[")
 
 
-def read_manifest(uri: str) -> list[str]:
-    """Read the ``uri`` column of a CSV or Parquet manifest (relative entries resolved to its folder)."""
-    try:
-        data = storage.read_bytes(uri)
-    except storage.StorageError as exc:
-        raise SourceError(f"manifest {uri}: {exc}") from exc
+def _manifest_values(uri: str, data: bytes) -> list:
+    """The entries of a manifest's URI column (``uri`` or ``url``), or of a ``.txt`` list's lines."""
+    if uri.lower().endswith(".txt"):
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"manifest {uri}: a .txt URI list must be UTF-8 text: {exc}") from None
+        return [line for line in lines if not line.lstrip().startswith("#")]
     try:
         if uri.lower().endswith(".csv"):
             table = pacsv.read_csv(io.BytesIO(data))
@@ -69,15 +76,26 @@ def read_manifest(uri: str) -> list[str]:
     except (pa.ArrowInvalid, OSError) as exc:
         kind = "CSV" if uri.lower().endswith(".csv") else "Parquet"
         raise SourceError(f"manifest {uri}: not a readable {kind} file: {exc}") from exc
-    if "uri" not in table.column_names:
-        raise SourceError(f"manifest {uri}: needs a 'uri' column; found {table.column_names}")
+    column = next((c for c in URI_COLUMNS if c in table.column_names), None)
+    if column is None:
+        raise SourceError(f"manifest {uri}: needs a 'uri' (or 'url') column; found {table.column_names}")
+    return table.column(column).to_pylist()
+
+
+def read_manifest(uri: str) -> list[str]:
+    """Read a manifest's URIs (see the module docstring); relative paths are resolved to its folder."""
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        raise SourceError(f"manifest {uri}: {exc}") from exc
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     uris = []
-    for value in table.column("uri").to_pylist():
+    for value in _manifest_values(uri, data):
         if value is None or not str(value).strip():
             continue
         value = str(value).strip()
-        absolute = storage.is_remote(value) or posixpath.isabs(value) or value.startswith("file://")
+        absolute = (storage.is_remote(value) or is_url(value) or posixpath.isabs(value)
+                    or value.startswith("file://"))
         uris.append(value if absolute else storage.join(base, value))
     return uris
 

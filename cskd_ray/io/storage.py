@@ -37,6 +37,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from cskd_ray.io.fetch import FetchError, fetch_url, is_url
+
 S3_SCHEMES = ("s3", "s3a")
 GLOB_CHARS = "*?["
 DEFAULT_S3_MAX_ATTEMPTS = 10
@@ -255,7 +257,16 @@ def _list_glob(uri: str, glob_at: int, suffixes: tuple[str, ...] | None) -> Iter
 
 
 def read_bytes(uri: str) -> bytes:
-    """Read a whole object."""
+    """Read a whole object: a local file, an s3:// object, or an http(s) URL (:func:`cskd_ray.io.fetch.fetch_url`).
+
+    Raises:
+        StorageError: It does not exist or cannot be read (for a URL: the status, timeout or size, after retries).
+    """
+    if is_url(uri):
+        try:
+            return fetch_url(uri)
+        except FetchError as exc:
+            raise StorageError(str(exc)) from None
     fs, path = resolve(uri)
 
     def read() -> bytes:

@@ -162,7 +162,7 @@ def test_manifest_without_uri_column_names_file(tmp_path: Path) -> None:
     path.write_text("path,label\na.jpg,1\n")
     with pytest.raises(
         SourceError,
-        match=rf"^manifest {re.escape(str(path))}: needs a 'uri' column; found \['path', 'label'\]$",
+        match=rf"^manifest {re.escape(str(path))}: needs a 'uri' \(or 'url'\) column; found \['path', 'label'\]$",
     ):
         expand_sources([src(path)])
 
