@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cskd_ray.app.demo import ARM_NAMES, DemoPlan, prepare, quiet_logs, train_arms
+from cskd_ray.app.demo import ARM_NAMES, DemoPlan, arm_folder, prepare, quiet_logs, train_arms
 from cskd_ray.app.demo_eval import evaluate_on_test
 from cskd_ray.app.runtime import init_ray
 
@@ -60,8 +60,7 @@ def main() -> None:
     for seed in args.seeds:
         run = work / f"seed{seed}"
         results = train_arms(work, run, shared, plan, seed, print, tuple(args.arms))
-        models = {arm: str(run / ("teacher" if arm == "teacher" else f"student-{arm.replace('_', '-')}") / "model")
-                  for arm in results}
+        models = {arm: str(run / arm_folder(arm) / "model") for arm in results}
         rows.append({"seed": seed, "val": {arm: r["metrics"]["val_srcc"] for arm, r in results.items()},
                      "models": models})
     for row in rows:  # the test split, once per model, after every model is trained

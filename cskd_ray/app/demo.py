@@ -42,8 +42,7 @@ class DemoPlan:
         image_size: Side of the generated images in pixels.
         teacher_encoder: timm name of the teacher's encoder (larger than the student's; the paper: ViT-B/16).
         student_encoder: timm name of the student's encoder (the paper: mobilenetv3_small_100).
-        encoder_image_size: Input side of both encoders (the demo images are small; timm's default would
-            upsample them to 224 px for nothing).
+        encoder_image_size: Input side of convolutional encoders (``encoder.image_size``); None: timm's.
         align_epochs: Phase 1 epochs over every image (CLIP targets, no labels).
         teacher_epochs: Teacher epochs over the labeled training rows.
         labels_epochs: Epochs of the labels-only students over the labeled training rows.
@@ -56,9 +55,9 @@ class DemoPlan:
     num_images: int = 800
     labeled_fraction: float = 0.35
     image_size: int = 64
-    teacher_encoder: str = "resnet10t"
-    student_encoder: str = "mobilenetv3_small_050"
-    encoder_image_size: int = 64
+    teacher_encoder: str = "test_vit2"
+    student_encoder: str = "test_vit"
+    encoder_image_size: int | None = None
     align_epochs: int = 2
     teacher_epochs: int = 8
     labels_epochs: int = 8
@@ -107,9 +106,10 @@ def prepare(work: Path, plan: DemoPlan, say: Callable[[str], None]) -> dict[str,
     features = _stage("features", plan.features_config, clip, [data.images_dir], work / "features", say,
                       f"features: CLIP {(plan.clip or 'cskd-proxy-rn:proxy')} over every image")
     aligned = {}
+    size = [f"encoder.image_size={plan.encoder_image_size}"] if plan.encoder_image_size else []
     for role, encoder in (("teacher", plan.teacher_encoder), ("student", plan.student_encoder)):
         _stage("align", DEFAULT_ALIGN_CONFIG, [f"encoder.name={encoder}", f"train.epochs={plan.align_epochs}",
-                                               f"encoder.image_size={plan.encoder_image_size}",
+                                               *size,
                                                *plan.extra.get("align", [])],
                [str(work / "features")], work / f"align-{role}", say, f"phase 1: align the {role} encoder ({encoder})")
         aligned[role] = str(work / f"align-{role}" / "model")
@@ -134,22 +134,27 @@ def train_arms(work: Path, run: Path, shared: dict[str, Any], plan: DemoPlan, se
            "phase 2b: the teacher pseudo-labels the unlabeled images")
     student = [*common, f"pseudo_labels={run / 'pseudo-labels'}", f"features={work / 'features'}",
                *plan.extra.get("distill", [])]
-    size = f"encoder.image_size={plan.encoder_image_size}"
+    size = [f"encoder.image_size={plan.encoder_image_size}"] if plan.encoder_image_size else []
     variants = {
         "cskd": ([f"aligned={shared['aligned']['student']}", f"train.epochs={plan.cskd_epochs}"],
                  "phase 2c: CSKD student (labels + pseudo-labels + CLIP)"),
-        "pseudo_only": (["aligned=null", f"encoder.name={plan.student_encoder}", "feat_weight=0", size,
+        "pseudo_only": (["aligned=null", f"encoder.name={plan.student_encoder}", "feat_weight=0", *size,
                          f"train.epochs={plan.cskd_epochs}"], "student not aligned, labels + pseudo-labels"),
         "aligned_only": ([f"aligned={shared['aligned']['student']}", "kd_weight=0", "feat_weight=0",
                           f"train.epochs={plan.labels_epochs}"], "student aligned, labels only"),
-        "labels_only": (["aligned=null", f"encoder.name={plan.student_encoder}", "kd_weight=0", "feat_weight=0", size,
+        "labels_only": (["aligned=null", f"encoder.name={plan.student_encoder}", "kd_weight=0", "feat_weight=0", *size,
                          f"train.epochs={plan.labels_epochs}"], "student not aligned, labels only"),
     }
     for arm in arms:
         overrides, what = variants[arm]
         results[arm] = _stage("distill", DEFAULT_DISTILL_CONFIG, [*student, *overrides], [data.ava_path],
-                              run / f"student-{arm.replace('_', '-')}", say, what)
+                              run / arm_folder(arm), say, what)
     return results
+
+
+def arm_folder(arm: str) -> str:
+    """The run folder of an arm: ``teacher``, ``student`` (CSKD: the README's examples use it), ``student-<arm>``."""
+    return arm if arm == "teacher" else "student" if arm == "cskd" else f"student-{arm.replace('_', '-')}"
 
 
 ARM_NAMES = {"teacher": "teacher", "cskd": "student, CSKD", "pseudo_only": "student, pseudo-labels only",
@@ -209,10 +214,12 @@ def run_demo(workdir: str = "runs/demo", num_images: int | None = None, features
     results = train_arms(work, work, shared, plan, seed=0, say=say)
     data = shared["data"]
     t0 = time.perf_counter()
-    models = {arm: str(work / ("teacher" if arm == "teacher" else f"student-{arm.replace('_', '-')}") / "model")
-              for arm in results}
+    models = {arm: str(work / arm_folder(arm) / "model") for arm in results}
     test = evaluate_on_test(models, data.ava_path, data.images_dir, data.test_list_path)
     say(f"demo: {'test split, read once: every model scored':<58} {time.perf_counter() - t0:6.1f} s")
+    for arm, metrics in test.items():  # the run report lists these under "Evaluations"
+        storage.write_text_once(str(work / f"test-{arm_folder(arm)}" / "metrics.json"), json.dumps(
+            {"model": models[arm], "split": "test", **metrics}, indent=2), overwrite=True)
     total = round(time.perf_counter() - start, 1)
     say(claims_table(test))
     summary = {"workdir": str(work), "plan": asdict(plan), "data": data.__dict__, "stages": results,
