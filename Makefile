@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser demo test test-fast lint bench clean
+.PHONY: help setup browser proxy-weights demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-setup: $(STAMP) browser ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
+setup: $(STAMP) browser proxy-weights ## Create .venv and install cskd_ray with dev tools (versions pinned by constraints.txt)
 
 browser: ## Install Debian's chromium for the report's browser test (skipped when present or not root)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
@@ -24,13 +24,16 @@ browser: ## Install Debian's chromium for the report's browser test (skipped whe
 		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 		echo "note: chromium not installed; the report's browser test will be skipped"
 
-demo: $(STAMP) ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
+proxy-weights: $(STAMP) ## Build the demo's proxy CLIP once (~2 min; cached in ~/.cache/cskd_ray, sha256-verified)
+	$(PY) -m cskd_ray.models.proxy_clip --ensure
+
+demo: $(STAMP) proxy-weights ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
 	$(VENV)/bin/cskd-ray demo --workdir runs/demo
 
-test: $(STAMP) browser ## Run the whole test suite, as CI does (CPU, local Ray, moto S3 on loopback)
+test: $(STAMP) browser proxy-weights ## Run the whole test suite, as CI does (CPU, local Ray, moto S3 on loopback)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
+test-fast: $(STAMP) proxy-weights ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP) ## Check style with ruff, and the package's floors (imports only downward) with import-linter

@@ -19,10 +19,12 @@ The probe reads the unit vector, so the knowledge lives in the embedding's direc
 alignment sees), and the second term (γ = 1) keeps the batch mean direction small, so embeddings of
 different images are not all nearly parallel (a random tower's are: cosine about 0.99).
 
-The build is deterministic (fixed seeds, ``torch.use_deterministic_algorithms``, one CPU thread); the
-weights ship as ``weights/cskd-proxy-rn.safetensors`` with their sha256 in ``weights/cskd-proxy-rn.json``,
-which :func:`proxy_weights_path` verifies on every load. Rebuild and re-record with
-``python -m cskd_ray.models.proxy_clip --record``.
+The build is deterministic (fixed seeds, ``torch.use_deterministic_algorithms``, one CPU thread). The
+weights are not in the repository: they are built on first use (about 2 min on 2 cores; ``make setup`` does
+it) into ``$CSKD_RAY_CACHE/proxy/cskd-proxy-rn.safetensors`` (default ``~/.cache/cskd_ray``), and their
+sha256, recorded in ``weights/cskd-proxy-rn.json``, is verified on every load (:func:`proxy_weights_path`).
+``python -m cskd_ray.models.proxy_clip --ensure`` builds them if missing; ``--record`` rebuilds them and
+re-records the sha256.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import argparse
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +56,7 @@ PROXY_DATA_SEED = 7_919  # the demo uses seeds 0.. for its own images; this stre
 
 @dataclass(frozen=True)
 class ProxyBuildConfig:
-    """How the proxy CLIP is built; the defaults make the shipped weights.
+    """How the proxy CLIP is built; the defaults make the recorded weights.
 
     Attributes:
         name: open_clip config name of the tower.
@@ -224,16 +225,22 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | Path) -> str:
 
 
 def read_record() -> dict:
-    """The shipped record: file name, sha256, build configuration and summary."""
+    """The recorded build: file name, sha256, build configuration and summary."""
     return json.loads(RECORD_PATH.read_text())
+
+
+def cache_path(file: str) -> Path:
+    """Where the built weights live: ``$CSKD_RAY_CACHE/proxy/<file>`` (default ``~/.cache/cskd_ray``)."""
+    from cskd_ray.models.registry import cache_dir
+
+    return cache_dir() / "proxy" / file
 
 
 def proxy_weights_path(name: str = PROXY_NAME) -> Path:
     """The verified local file of the proxy CLIP weights for ``name``.
 
-    The shipped file (``weights/<file>``) is used; without it (a checkout without the binary), the file in
-    ``$CSKD_RAY_CACHE/proxy/`` is used, built there first if missing. Either way its sha256 must equal the
-    recorded one.
+    The file is ``$CSKD_RAY_CACHE/proxy/<file>`` (default ``~/.cache/cskd_ray``), built there first if missing;
+    its sha256 must equal the recorded one.
 
     Raises:
         WeightsUnavailableError: ``name`` has no proxy weights, or the file's sha256 differs from the record.
@@ -243,32 +250,36 @@ def proxy_weights_path(name: str = PROXY_NAME) -> Path:
     if name != PROXY_NAME:
         raise WeightsUnavailableError(f"pretrained {PROXY_TAG!r} exists only for {PROXY_NAME}, not {name!r}")
     record = read_record()
-    path = WEIGHTS_DIR / record["file"]
+    path = cache_path(record["file"])
     if not path.is_file():
-        cache = Path(os.environ.get("CSKD_RAY_CACHE", Path.home() / ".cache" / "cskd_ray")) / "proxy"
-        path = cache / record["file"]
-        if not path.is_file():
-            weights, _ = build_proxy(ProxyBuildConfig(**record["build"]))
-            save_weights(weights, path)
+        weights, _ = build_proxy(ProxyBuildConfig(**record["build"]))
+        save_weights(weights, path)
     digest = file_digest(path)
     if digest != record["sha256"]:
         raise WeightsUnavailableError(
             f"proxy CLIP weights {path} have sha256 {digest}, but {RECORD_PATH.name} records {record['sha256']}; "
-            "rebuild them with `python -m cskd_ray.models.proxy_clip --record` (and commit both files)")
+            "delete the file to rebuild it, or re-record with `python -m cskd_ray.models.proxy_clip --record` (and "
+            f"commit {RECORD_PATH.name})")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Builds the proxy CLIP; with ``--record`` writes the shipped weights and their record."""
+    """Builds the proxy CLIP; ``--ensure`` builds the cached weights if missing, ``--record`` re-records them."""
     parser = argparse.ArgumentParser(description="Build the demo's proxy CLIP (deterministic, CPU).")
     parser.add_argument("--output", help="where to write the safetensors file (default: print the sha256 only)")
-    parser.add_argument("--record", action="store_true", help=f"write {WEIGHTS_DIR.name}/ (weights + record)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"build into the cache and write the record {WEIGHTS_DIR.name}/{RECORD_PATH.name}")
+    parser.add_argument("--ensure", action="store_true", help="build the recorded weights into the cache if "
+                        "missing, verify their sha256, print the path")
     parser.add_argument("--num-images", type=int, default=ProxyBuildConfig.num_images)
     parser.add_argument("--epochs", type=int, default=ProxyBuildConfig.epochs)
     args = parser.parse_args(argv)
+    if args.ensure:
+        print(proxy_weights_path())
+        return 0
     cfg = ProxyBuildConfig(num_images=args.num_images, epochs=args.epochs)
     weights, summary = build_proxy(cfg)
-    output = WEIGHTS_DIR / f"{PROXY_NAME}.safetensors" if args.record else Path(args.output or "/dev/null")
+    output = cache_path(f"{PROXY_NAME}.safetensors") if args.record else Path(args.output or "/dev/null")
     digest = save_weights(weights, output) if (args.record or args.output) else None
     print(json.dumps({"sha256": digest, **summary}, indent=2))
     if args.record:

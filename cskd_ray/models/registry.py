@@ -126,6 +126,11 @@ def file_digest(path: str | Path) -> str:
     return sha.hexdigest()
 
 
+def cache_dir() -> Path:
+    """Where downloaded and built weights are kept: ``$CSKD_RAY_CACHE``, default ``~/.cache/cskd_ray``."""
+    return Path(os.environ.get("CSKD_RAY_CACHE", Path.home() / ".cache" / "cskd_ray"))
+
+
 def fetch_checkpoint(uri: str) -> Path:
     """Return a local path for a checkpoint given as a local path or an ``s3://`` URI."""
     if not storage.is_remote(uri):
@@ -133,7 +138,7 @@ def fetch_checkpoint(uri: str) -> Path:
         if not path.is_file():
             raise WeightsUnavailableError(f"checkpoint file {uri} does not exist")
         return path
-    cache = Path(os.environ.get("CSKD_RAY_CACHE", Path.home() / ".cache" / "cskd_ray")) / "weights"
+    cache = cache_dir() / "weights"
     local = cache / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
     if not local.is_file():
         try:
@@ -214,7 +219,7 @@ def _build_clip(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module
         return model, name
     if name not in list_clip_models():
         raise _unknown("CLIP", name, list_clip_models())
-    if tag == "proxy":  # the demo's proxy CLIP: shipped weights, sha256-verified (cskd_ray.models.proxy_clip)
+    if tag == "proxy":  # the demo's proxy CLIP: built once, sha256-verified (cskd_ray.models.proxy_clip)
         from cskd_ray.models.proxy_clip import proxy_weights_path
 
         tag = str(proxy_weights_path(name))

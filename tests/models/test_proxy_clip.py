@@ -1,4 +1,4 @@
-"""The demo's proxy CLIP: a deterministic build, sha256-verified shipped weights, loaded through create_clip."""
+"""The demo's proxy CLIP: a deterministic build, sha256-verified built weights, loaded through create_clip."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def test_build_is_deterministic_and_loads_through_create_clip(tmp_path: Path) ->
     assert loaded.weights == f"sha256:{digests[0]}" and not loaded.random_weights
 
 
-def test_shipped_proxy_is_verified_and_knows_the_demo_world(demo_data: Path) -> None:
-    """``pretrained: proxy`` resolves to the shipped file with the recorded sha256; demo images' embeddings differ."""
+def test_built_proxy_is_verified_and_knows_the_demo_world(demo_data: Path) -> None:
+    """``pretrained: proxy`` resolves to the built file with the recorded sha256; demo images' embeddings differ."""
     record = proxy_clip.read_record()
     loaded = create_clip(PROXY_NAME, "proxy")
     assert loaded.weights == f"sha256:{record['sha256']}" and loaded.dim == 48
