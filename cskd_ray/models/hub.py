@@ -27,6 +27,7 @@ HUB_PREFIX = "hf-hub:"
 CARD = "README.md"
 HUB_FILES = (WEIGHTS, MODEL_JSON, CARD)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit id, what the Hub names snapshot folders by
 
 
 class HubError(WeightsUnavailableError):
@@ -111,9 +112,14 @@ def download_model(uri: str) -> str:
 def pin_revision(uri: str) -> str:
     """``hf-hub:org/name@<commit>``: the commit of the snapshot :func:`download_model` gives.
 
-    A job passes the pinned URI to its Ray workers, so all load the same files even if the branch moves.
+    A job passes the pinned URI to its Ray workers, so all load the same files even if the branch moves. A URI
+    already pinned to a full commit is returned as it is (the caller's next step, describing the model, fetches
+    its files), so pinning twice costs no second Hub request.
     """
-    return HubModel(parse_hub_uri(uri).repo_id, Path(download_model(uri)).name).uri
+    model = parse_hub_uri(uri)
+    if model.revision and _COMMIT.fullmatch(model.revision):
+        return model.uri
+    return HubModel(model.repo_id, Path(download_model(uri)).name).uri
 
 
 def _first_line(exc: BaseException) -> str:
