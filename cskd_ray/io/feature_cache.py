@@ -117,8 +117,8 @@ class ResultTable:
 
         def scan() -> pa.Table:
             found = pads.dataset(paths, filesystem=fs, format="parquet")  # the schema of the shards themselves
-            return pads.dataset(paths, schema=with_large_lists(found.schema, self.schema), filesystem=fs,
-                                format="parquet").to_table(columns=columns, filter=filter_expr)
+            found = found.replace_schema(with_large_lists(found.schema, self.schema))
+            return found.to_table(columns=columns, filter=filter_expr)
 
         return storage.retry_io(scan, self.uri)
 
