@@ -13,6 +13,11 @@ from cskd_ray.train.placement import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
 
 logger = logging.getLogger(__name__)
 
+# A local Ray's Train settings. The controller polls its workers every HEALTH_CHECK_INTERVAL (2 s by default)
+# and waits a few intervals per run (start, each state change, end): 0.25 s took a 2-step run on 2 cores from
+# 23-25 s to 19 s. No preemption watcher: a local machine is not a spot instance. A user's own value wins.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
@@ -33,6 +38,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    for key, value in LOCAL_RAY_ENV.items():  # inherited by the local Ray's processes (the Train controller)
+        os.environ.setdefault(key, value)
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",

@@ -186,11 +186,12 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
             callbacks=list(_RUN_CALLBACKS.get()) or None,
         ),
         datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
-        dataset_config=_data_config(DataConfig, trainer.deterministic),
+        dataset_config=_data_config(DataConfig, trainer.deterministic, split=trainer.num_workers > 1),
     )
 
 
-def _data_config(data_config_cls: Any, deterministic: bool) -> Any:
+def _data_config(data_config_cls: Any, deterministic: bool, split: bool = True) -> Any:
+    """Ingest options: ``train`` is split between workers; one worker reads it whole (no split coordinator)."""
     options = data_config_cls.default_ingest_options()
     options.preserve_order = deterministic
-    return data_config_cls(datasets_to_split=["train"], execution_options=options)
+    return data_config_cls(datasets_to_split=["train"] if split else [], execution_options=options)
