@@ -77,7 +77,8 @@ def _assert_every_input_once(stage: str, output: Path, images: Path) -> None:
     assert sorted(uris) == sorted(str(p) for p in images.iterdir()), "every input has its row"
 
 
-@pytest.mark.parametrize(("stage", "actor_class"), [("features", "ClipFeatureActor"), ("label", "ScoreActor")])
+# features only: label/score actors restart through the same row_pipeline path (the killed-driver test covers label)
+@pytest.mark.parametrize(("stage", "actor_class"), [("features", "ClipFeatureActor")])
 def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
     ray_session, many_images: Path, model_dir: Path, tmp_path: Path, stage: str, actor_class: str
 ) -> None:
