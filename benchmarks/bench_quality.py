@@ -12,11 +12,15 @@ demo`` (:mod:`cskd_ray.app.demo`), in one Ray session:
 2. per seed (the training seed: heads, shuffling; the data and the aligned encoders stay the same): the
    teacher on the labels → its pseudo-labels of the unlabeled images → the student arms:
    ``labels_only`` (not aligned, labels), ``aligned_only`` (phase 1 + labels), ``pseudo_only`` (not aligned,
-   labels + pseudo-labels), ``cskd`` (phase 1 + labels + pseudo-labels + CLIP feature term);
+   labels + pseudo-labels), ``cskd`` (phase 1 + labels + pseudo-labels + CLIP feature term); and, only when
+   asked (``--arms ... multi_teacher``), ``multi_teacher``: Hou et al.'s combined teacher (arXiv 2206.00809:
+   frozen classifiers pooled at several levels + an MLP head on the labels) and a student not aligned on the
+   labels plus that teacher's hidden layer and predictions (no pseudo-labels);
 3. at the end, once: every model on the test split (each stage selected its checkpoint on validation).
 
 Last line: ``RESULT quality labels_only_srcc=<mean> aligned_srcc=<mean> cskd_srcc=<mean>
-cskd_minus_labels_only=<mean of per-seed differences> cskd_losses=<seeds where CSKD <= labels-only>``.
+cskd_minus_labels_only=<mean of per-seed differences> cskd_losses=<seeds where CSKD <= labels-only>``, then
+``hou_teacher_srcc=<mean> multi_teacher_srcc=<mean>`` when the ``multi_teacher`` arm ran.
 
 Run: ``.venv/bin/python benchmarks/bench_quality.py [--num-images 800] [--seeds 0 1 2] [--workdir DIR]``.
 """
@@ -35,6 +39,7 @@ from cskd_ray.app.demo_eval import evaluate_on_test
 from cskd_ray.app.runtime import init_ray
 
 ARMS = ("labels_only", "aligned_only", "pseudo_only", "cskd")
+OPTIONAL_ARMS = ("multi_teacher",)  # not run by default: Hou et al.'s combined teacher + its student
 
 
 def main() -> None:
@@ -44,7 +49,7 @@ def main() -> None:
     parser.add_argument("--labeled-fraction", type=float, default=DemoPlan.labeled_fraction)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="runs/bench_quality")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=(*ARMS, *OPTIONAL_ARMS))
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,7 +72,7 @@ def main() -> None:
         row["test"] = {arm: m["srcc"] for arm, m in evaluate_on_test(row["models"], data.ava_path, data.images_dir,
                                                                      data.test_list_path).items()}
         print(json.dumps({"seed": row["seed"], "test_srcc": row["test"], "val_srcc": row["val"]}), flush=True)
-    arms = ["teacher", *args.arms]
+    arms = ["teacher", *(["hou_teacher"] if "multi_teacher" in args.arms else []), *args.arms]
     print(f"{'seed':>5}" + "".join(f"{ARM_NAMES[a].replace('student, ', ''):>30}" for a in arms))
     for row in rows:
         print(f"{row['seed']:>5}" + "".join(f"{row['test'][a]:>30.3f}" for a in arms))
@@ -80,7 +85,8 @@ def main() -> None:
     losses = sum(d <= 0 for d in diffs)
     print(f"RESULT quality labels_only_srcc={means.get('labels_only', float('nan')):.4f} "
           f"aligned_srcc={means.get('aligned_only', float('nan')):.4f} cskd_srcc={means.get('cskd', float('nan')):.4f} "
-          f"cskd_minus_labels_only={statistics.mean(diffs) if diffs else float('nan'):.4f} cskd_losses={losses}")
+          f"cskd_minus_labels_only={statistics.mean(diffs) if diffs else float('nan'):.4f} cskd_losses={losses}"
+          + "".join(f" {a}_srcc={means[a]:.4f}" for a in ("hou_teacher", "multi_teacher") if a in means))
 
 
 if __name__ == "__main__":

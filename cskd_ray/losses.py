@@ -8,7 +8,8 @@ Three families, all plain functions on ``torch.Tensor`` that return a scalar (0-
   gradients reach the student only.
 - **Aesthetic heads**: :func:`emd_loss` (NIMA) for score distributions, :func:`score_mse` for scalar heads,
   and :func:`mean_score` to turn a distribution into a scalar score.
-- **Distillation** (teacher → student on unlabelled images): :func:`distillation_loss`.
+- **Distillation** (teacher → student on unlabelled images): :func:`distillation_loss`, and
+  :func:`feature_mse` for a teacher's hidden features (Hou et al., arXiv 2206.00809).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "cosine_alignment",
     "distillation_loss",
     "emd_loss",
+    "feature_mse",
     "mean_score",
     "mse_alignment",
     "score_mse",
@@ -108,6 +110,26 @@ def smooth_l1_tokens(student_tokens: Tensor, clip_tokens: Tensor, beta: float = 
         raise ValueError(f"smooth_l1_tokens: beta must be > 0, got {beta}")
     target = F.layer_norm(clip_tokens.detach(), clip_tokens.shape[-1:])
     return F.smooth_l1_loss(student_tokens, target, beta=beta, reduction="mean")
+
+
+def feature_mse(student: Tensor, target: Tensor) -> Tensor:
+    """Plain mean squared error between student and (detached) target features, not normalised.
+
+    ``L = (1/(N·D)) Σ_i Σ_d (s_id − t_id)²``: the feature mimicry of Hou et al. (arXiv 2206.00809) on the
+    combined teacher's hidden layer, where the feature's scale carries information.
+
+    Args:
+        student: Student features (projected to the target's width), shape (N, D).
+        target: Target features, shape (N, D); detached inside.
+
+    Returns:
+        Scalar loss tensor.
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D.
+    """
+    _check_same_shape("feature_mse", student, target, ndim=2)
+    return F.mse_loss(student, target.detach())
 
 
 ALIGNMENT_LOSSES: dict[str, Callable[..., Tensor]] = {

@@ -26,6 +26,7 @@ CONFIGS = REPO_ROOT / "jobs" / "configs" / "demo"
 DEFAULT_FEATURES_CONFIG = CONFIGS / "features-proxy.yaml"
 DEFAULT_ALIGN_CONFIG = CONFIGS / "align.yaml"
 DEFAULT_TEACHER_CONFIG = CONFIGS / "teacher.yaml"
+DEFAULT_HOU_TEACHER_CONFIG = CONFIGS / "teacher-classifiers.yaml"
 DEFAULT_LABEL_CONFIG = CONFIGS / "label.yaml"
 DEFAULT_DISTILL_CONFIG = CONFIGS / "distill.yaml"
 VAL_FRACTION = 0.25  # of the labeled non-test images; the demo configs say labels.val_fraction: 0.25
@@ -49,7 +50,8 @@ class DemoPlan:
         cskd_epochs: CSKD epochs over labeled + unlabeled rows.
         clip: ``name:pretrained`` overriding the features config's CLIP, e.g. ``ViT-B-32:openai``.
         features_config: The features config (default ``jobs/configs/demo/features-proxy.yaml``).
-        extra: Per-stage ``--set`` overrides, by stage name (``teacher``, ``distill``, ``align``).
+        extra: Per-stage ``--set`` overrides, by stage name (``teacher``, ``distill``, ``align``; ``hou_teacher``
+            for the combined teacher of the ``multi_teacher`` arm).
     """
 
     num_images: int = 800
@@ -119,7 +121,12 @@ def prepare(work: Path, plan: DemoPlan, say: Callable[[str], None]) -> dict[str,
 def train_arms(work: Path, run: Path, shared: dict[str, Any], plan: DemoPlan, seed: int,
                say: Callable[[str], None], arms: tuple[str, ...] = ("cskd", "aligned_only", "labels_only")
                ) -> dict[str, dict]:
-    """Teacher → pseudo-labels → students, for one training seed; each selects its checkpoint on validation."""
+    """Teacher → pseudo-labels → students, for one training seed; each selects its checkpoint on validation.
+
+    The ``multi_teacher`` arm first trains Hou et al.'s combined teacher (``hou_teacher``: frozen classifiers
+    pooled at several levels + an MLP head on the labels, ``teacher-classifiers.yaml``), then a student not
+    aligned on the labels and that teacher's hidden layer and predictions (``hou_teacher``; no pseudo-labels).
+    """
     data = shared["data"]
     images = str(Path(data.images_dir).resolve())
     common = [f"labels.images_root={images}", f"labels.test_list={Path(data.test_list_path).resolve()}",
@@ -132,6 +139,12 @@ def train_arms(work: Path, run: Path, shared: dict[str, Any], plan: DemoPlan, se
     _stage("label", DEFAULT_LABEL_CONFIG, [f"model={run / 'teacher' / 'model'}"],
            [str(Path(data.output) / "unlabeled.csv")], run / "pseudo-labels", say,
            "phase 2b: the teacher pseudo-labels the unlabeled images")
+    if "multi_teacher" in arms:
+        hou = [*common, f"classifiers.image_size={plan.encoder_image_size or plan.image_size}",
+               f"train.epochs={plan.teacher_epochs}", *plan.extra.get("hou_teacher", [])]
+        results["hou_teacher"] = _stage("teacher", DEFAULT_HOU_TEACHER_CONFIG, hou, [data.ava_path],
+                                        run / arm_folder("hou_teacher"), say,
+                                        "combined teacher (frozen classifiers + MLP head) on the labels")
     student = [*common, f"pseudo_labels={run / 'pseudo-labels'}", f"features={work / 'features'}",
                *plan.extra.get("distill", [])]
     size = [f"encoder.image_size={plan.encoder_image_size}"] if plan.encoder_image_size else []
@@ -144,6 +157,9 @@ def train_arms(work: Path, run: Path, shared: dict[str, Any], plan: DemoPlan, se
                           f"train.epochs={plan.labels_epochs}"], "student aligned, labels only"),
         "labels_only": (["aligned=null", f"encoder.name={plan.student_encoder}", "kd_weight=0", "feat_weight=0", *size,
                          f"train.epochs={plan.labels_epochs}"], "student not aligned, labels only"),
+        "multi_teacher": (["aligned=null", f"encoder.name={plan.student_encoder}", "kd_weight=0", "feat_weight=0",
+                           *size, f"hou_teacher={run / arm_folder('hou_teacher') / 'model'}",
+                           f"train.epochs={plan.cskd_epochs}"], "student not aligned, labels + combined teacher"),
     }
     for arm in arms:
         overrides, what = variants[arm]
@@ -153,12 +169,19 @@ def train_arms(work: Path, run: Path, shared: dict[str, Any], plan: DemoPlan, se
 
 
 def arm_folder(arm: str) -> str:
-    """The run folder of an arm: ``teacher``, ``student`` (CSKD: the README's examples use it), ``student-<arm>``."""
+    """The run folder of an arm: ``teacher``, ``student`` (CSKD: the README's examples use it), ``student-<arm>``.
+
+    The combined teacher of the ``multi_teacher`` arm (``hou_teacher``) trains into ``teacher-classifiers``.
+    """
+    if arm == "hou_teacher":
+        return "teacher-classifiers"
     return arm if arm == "teacher" else "student" if arm == "cskd" else f"student-{arm.replace('_', '-')}"
 
 
 ARM_NAMES = {"teacher": "teacher", "cskd": "student, CSKD", "pseudo_only": "student, pseudo-labels only",
-             "aligned_only": "student, aligned + labels", "labels_only": "student, labels only"}
+             "aligned_only": "student, aligned + labels", "labels_only": "student, labels only",
+             "hou_teacher": "combined teacher (Hou)", "multi_teacher": "student, multi-teacher (Hou)"}
+TEACHERS = ("teacher", "hou_teacher")
 
 
 def quiet_logs() -> None:
@@ -243,7 +266,7 @@ def claims_table(test: dict[str, dict]) -> str:
     if "cskd" in s and "labels_only" in s:
         claims.append(("(b) CSKD student beats the labels-only student", s["cskd"] - s["labels_only"]))
     if "teacher" in s and "cskd" in s:
-        best = max(v for k, v in s.items() if k != "teacher")
+        best = max(v for k, v in s.items() if k not in TEACHERS)
         claims.append(("(c) teacher beats every student", s["teacher"] - best))
     lines += ["", f"{'claim':<58}{'SRCC gap':>10}{'holds':>7}", "-" * 75]
     lines += [f"{name:<58}{gap:>+10.3f}{'yes' if gap > 0 else 'NO':>7}" for name, gap in claims]

@@ -3,8 +3,10 @@
 Two kinds of folder score images:
 
 - a **PyTorch** folder written by teacher / distill (``output/model``): ``model.safetensors`` (encoder +
-  aesthetic head) and ``model.json`` (encoder name, head spec, preprocessing). Loading never executes
-  pickled code.
+  aesthetic head) and ``model.json`` (encoder name, head spec, preprocessing). The encoder is a timm model
+  or, for Hou et al.'s combined teacher, frozen classifiers pooled at several levels (``encoder.kind:
+  classifiers``, :mod:`cskd_ray.models.multilevel`); ``head.hidden`` gives an MLP head's hidden width.
+  Loading never executes pickled code.
 - an **export** folder written by ``cskd-ray export``: ``model.onnx`` or ``model.ts`` (TorchScript) and the
   sidecar ``export.json`` (format, file sha256, head, preprocessing, source model id). The file is only
   loaded when its sha256 matches the sidecar. TorchScript archives hold code that ``torch.jit.load``
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +31,10 @@ from torch import nn
 
 from cskd_ray.io import storage
 from cskd_ray.io.transforms import PreprocessSpec
+from cskd_ray.models import multilevel
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
 from cskd_ray.models.registry import (
+    LoadedModel,
     WeightsUnavailableError,
     create_encoder,
     fetch_checkpoint,
@@ -207,6 +211,18 @@ def _load_export(model_dir: str, description: dict) -> ExportedScoringModel:
                                 scoring_model_id(model_dir, description), description)
 
 
+def build_encoder(encoder: dict) -> LoadedModel:
+    """The encoder a ``model.json`` describes, with random weights (the folder's weights are loaded after).
+
+    A timm encoder by ``name``, or (``kind: classifiers``) the frozen multi-level extractor of Hou et al.'s
+    combined teacher (:mod:`cskd_ray.models.multilevel`).
+    """
+    if encoder.get("kind") == multilevel.KIND:
+        backbones = [replace(b, pretrained=False) for b in multilevel.backbones_from(encoder)]
+        return multilevel.create_multilevel_encoder(backbones, encoder.get("image_size"))
+    return create_encoder(encoder["name"], False)
+
+
 def load_scoring_model(model_dir: str) -> ScoringModel | ExportedScoringModel:
     """Load the scoring model in ``model_dir``, whichever kind it is (PyTorch in eval mode, or an export)."""
     model_dir = local_model_dir(model_dir)
@@ -214,8 +230,9 @@ def load_scoring_model(model_dir: str) -> ScoringModel | ExportedScoringModel:
     if "format" in description:
         return _load_export(model_dir, description)
     head = description["head"]
-    encoder = create_encoder(description["encoder"]["name"], False)
-    model = EncoderWithHead(encoder.model, AestheticHead(encoder.dim, head["kind"], head["bins"]))
+    encoder = build_encoder(description["encoder"])
+    model = EncoderWithHead(encoder.model, AestheticHead(encoder.dim, head["kind"], head["bins"],
+                                                         hidden=head.get("hidden")))
     path = fetch_checkpoint(storage.join(model_dir, WEIGHTS))
     load_weights_into(model, path, description["encoder"]["name"])
     preprocess = PreprocessSpec.from_dict(description["preprocess"])

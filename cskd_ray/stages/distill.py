@@ -2,6 +2,10 @@
 
     L = L_sup + λ_kd · D(student(x_u), teacher(x_u)) + λ_feat · (1 − cos(P'(E_s(x_u)), C(x_u)))
         + λ_cons · D(student(strong(x_u)), teacher(weak(x_u))) + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))
+        + w_f · d(P_h(E_s(x)), h_T(x)) + w_p · D(student(x), T_H(x))
+
+The last two terms (``hou_teacher``) distil Hou et al.'s combined teacher T_H (arXiv 2206.00809), trained by
+``teacher`` with ``classifiers`` and ``hidden_dim``, on every image: its hidden layer h_T and its prediction.
 
 Each batch mixes labeled rows (the label file's training split) and unlabeled rows (the pseudo-label table
 written by ``label``, joined by content with the feature cache when ``feat_weight`` > 0). The task object and
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +39,15 @@ class DistillConfig(TeacherConfig):
 
     L = L_sup + kd_weight · D(student, pseudo-labels) + feat_weight · (1 − cos(P'(E_s(x)), C(x)))
         + consistency_weight · D(student(strong(x_u)), teacher(weak(x_u)))
-        + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))   over extra_teachers.
+        + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))   over extra_teachers
+        + hou_feature_weight · d(P_h(E_s(x)), h_T(x)) + hou_prediction_weight · D(student(x), T_H(x))
+
+    The last two terms, on every image of the batch (labeled and unlabeled), distil ``hou_teacher`` T_H, Hou et
+    al.'s combined teacher (arXiv 2206.00809: frozen object classifiers pooled at several levels, an MLP head
+    trained on the labels; the teacher stage with ``classifiers`` and ``hidden_dim``): h_T is its head's hidden
+    layer, P_h the student's linear projection into that width, d = 1 − cos (``hou_feature_loss: cosine``) or
+    the plain MSE (1/D)‖P_h(E_s(x)) − h_T(x)‖² (``mse``), D = EMD (r = 2) or score MSE as for kd. T_H is frozen
+    and outside the optimiser and the checkpoints, as every teacher.
     """
 
     pseudo_labels: str = Field(description="Pseudo-label table written by `label` (the unlabeled images).")
@@ -50,11 +62,23 @@ class DistillConfig(TeacherConfig):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Strong view of the consistency term.")
     extra_teachers: list[ExtraTeacherConfig] = Field(
         default_factory=list, description="Extra frozen feature teachers, each with its own P_t and weight w_t.")
+    hou_teacher: str | None = Field(
+        None, description="Hou et al.'s combined teacher T_H (arXiv 2206.00809): a teacher model folder whose head "
+        "has a hidden layer (teacher with classifiers and hidden_dim); null: no Hou terms.")
+    hou_feature_weight: float = Field(1.0, ge=0, description="w_f of d(P_h(E_s(x)), h_T(x)) on every image, h_T the "
+                                      "hou_teacher head's hidden layer; 0 turns it off.")
+    hou_prediction_weight: float = Field(1.0, ge=0, description="w_p of D(student(x), T_H(x)) on every image (EMD "
+                                         "r=2 or score MSE); 0 turns it off.")
+    hou_feature_loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="d of the feature term: 1 − cos, or the plain MSE of P_h(E_s(x)) and h_T(x).")
 
     @model_validator(mode="after")
     def _teacher_for_consistency(self) -> DistillConfig:
         if self.consistency_weight > 0 and not self.teacher_model:
             raise ValueError("consistency_weight > 0 needs teacher_model (the teacher's output/model folder)")
+        if self.classifiers is not None:
+            raise ValueError("classifiers: a teacher option (Hou et al.'s combined teacher); train it with `teacher` "
+                             "and pass its output/model as hou_teacher")
         return self
 
 
@@ -107,6 +131,9 @@ def check(cfg: DistillConfig) -> None:
         raise ConfigError("features: feat_weight > 0 needs `features`, the unlabeled images' feature cache")
     if cfg.feat_weight > 0 and not storage.exists(cfg.features):  # only the feature term reads it
         raise ConfigError(f"features {cfg.features}: no such feature cache; run `features` first")
+    if cfg.hou_teacher and not storage.exists(storage.join(cfg.hou_teacher, "model.json")):
+        raise ConfigError(f"hou_teacher {cfg.hou_teacher}: not a model folder (no model.json); train it with "
+                          "`teacher` (classifiers, hidden_dim) and pass its output/model")
 
 
 def summary(result: TeacherResult) -> str:

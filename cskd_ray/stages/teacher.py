@@ -6,6 +6,11 @@ SRCC, PLCC, accuracy and EMD (r = 1); the one with the best ``val_srcc`` becomes
 ``label``, ``evaluate``, ``score`` and ``export`` take as ``--model``. The task object and what the teacher
 shares with distill are in :mod:`cskd_ray.train.supervise`. Importing this module is light (its config and
 checks run before torch loads); :func:`run` imports the training stack.
+
+With ``classifiers`` the stage trains Hou et al.'s combined teacher (arXiv 2206.00809): the encoder is frozen
+object classifiers whose feature levels are globally pooled and concatenated (:mod:`cskd_ray.models.multilevel`),
+and only the head, an MLP with ``hidden_dim`` (its hidden layer is the aesthetic feature), trains. The exported
+folder holds the classifiers too, so every stage loads it like any teacher; distill's ``hou_teacher`` distils it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cskd_ray.config import ConfigError, StrictModel, single_input
 from cskd_ray.io.decode import DEFAULT_MAX_PIXELS
@@ -24,9 +29,11 @@ from cskd_ray.train.config import (
     DECODE_BATCH_DESCRIPTION,
     MAX_PIXELS_DESCRIPTION,
     TRAIN_DESCRIPTION,
+    ClassifiersConfig,
     EncoderConfig,
     TrainerConfig,
     check_batch,
+    check_classifiers,
     check_encoder,
 )
 from cskd_ray.train.launch import TaskFactory
@@ -43,7 +50,14 @@ class TeacherConfig(StrictModel):
     head: Literal["auto", "distribution", "scalar"] = Field(
         "auto", description="auto: a distribution head when the labels have distributions."
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the aesthetic head's linear layer.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before each linear layer of the aesthetic head.")
+    hidden_dim: int | None = Field(
+        None, ge=1, description="Hidden width of the aesthetic head, an MLP Linear → GELU → Linear (its hidden "
+        "layer is the aesthetic feature h_T that distill's hou_teacher term distils); null: one linear layer.")
+    classifiers: ClassifiersConfig | None = Field(
+        None, description="Hou et al.'s combined teacher (arXiv 2206.00809): frozen object classifiers pooled at "
+        "several levels and concatenated, replacing `aligned`/`encoder`; only the head trains (give it "
+        "hidden_dim). null: fine-tune `aligned` or `encoder`.")
     train: TrainerConfig = Field(default_factory=TrainerConfig, description=TRAIN_DESCRIPTION)
     decode_batch_size: int = Field(32, ge=1, description=DECODE_BATCH_DESCRIPTION)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_DESCRIPTION)
@@ -52,6 +66,13 @@ class TeacherConfig(StrictModel):
     @classmethod
     def _one_input(cls, value: Any) -> Any:
         return single_input(value)
+
+    @model_validator(mode="after")
+    def _one_encoder(self) -> TeacherConfig:
+        if self.classifiers is not None and self.aligned:
+            raise ValueError("classifiers and aligned: the combined teacher's encoder is the frozen classifiers; "
+                             "set aligned: null")
+        return self
 
 
 @dataclass
@@ -73,7 +94,7 @@ def run(cfg: TeacherConfig) -> TeacherResult:
     from cskd_ray.train.supervise import best_checkpoint, encoder_for, export_model, head_spec, labeled_datasets
 
     start = time.perf_counter()
-    _, preprocess, _ = encoder_for(cfg.aligned, cfg.encoder)  # fails fast on a bad encoder or aligned folder
+    _, preprocess, _ = encoder_for(cfg.aligned, cfg.encoder, cfg.classifiers)  # fails fast on a bad encoder
     train_ds, val_ds, train, val_rows = labeled_datasets(cfg, preprocess)
     head = head_spec(cfg, train)
     world, batch = cfg.train.num_workers, cfg.train.batch_size
@@ -97,7 +118,10 @@ def check(cfg: TeacherConfig) -> None:
     check_exists("labels.test_list", cfg.labels.test_list, "test list file")
     load_labels(cfg.labels.format, cfg.input, cfg.labels.images_root, test_list=cfg.labels.test_list)
     check_batch(cfg)
-    check_encoder(cfg)
+    if cfg.classifiers is not None:
+        check_classifiers(cfg.classifiers)
+    else:
+        check_encoder(cfg)
 
 
 def summary(result: TeacherResult, stage: str = "teacher") -> str:

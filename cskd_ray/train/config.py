@@ -1,8 +1,9 @@
 """The config sections the training stages (align, teacher, distill) share, and their checks.
 
 :class:`TrainerConfig` (``train:``) is read by the shared worker loop (:mod:`cskd_ray.train.common`);
-:class:`EncoderConfig` (``encoder:``), :class:`ExtraTeacherConfig` and :class:`AugmentConfig` by the task
-objects. Each stage's own config (``cskd_ray.stages.align.AlignConfig``, ...) holds these sections.
+:class:`EncoderConfig` (``encoder:``), :class:`ClassifiersConfig` (``classifiers:``), :class:`ExtraTeacherConfig`
+and :class:`AugmentConfig` by the task objects. Each stage's own config (``cskd_ray.stages.align.AlignConfig``,
+...) holds these sections.
 """
 
 from __future__ import annotations
@@ -81,6 +82,33 @@ class ExtraTeacherConfig(StrictModel):
     seed: int = Field(0, description="Seed of random CLIP weights.")
 
 
+class ClassifierConfig(StrictModel):
+    """One frozen object classifier of the combined teacher (Hou et al., arXiv 2206.00809)."""
+
+    name: str = Field(description="timm model name of an object classifier (e.g. resnet50.a1_in1k).")
+    pretrained: bool | str = Field(
+        False, description="true: timm's weights; a checkpoint path or s3:// URI of the classifier; false: random "
+        "weights (only useful in tests).")
+    levels: list[int] | None = Field(
+        None, description="Feature levels (timm out_indices; 0 the shallowest, -1 the deepest) pooled from this "
+        "classifier; null: classifiers.levels.")
+
+
+class ClassifiersConfig(StrictModel):
+    """Hou et al.'s encoder: frozen classifiers, each level globally average-pooled, all concatenated.
+
+    f(x) = concat_{b, l} GAP(F_{b,l}(x)); the teacher stage trains only its head (an MLP with ``hidden_dim``)
+    on the labels (:mod:`cskd_ray.models.multilevel`).
+    """
+
+    backbones: list[ClassifierConfig] = Field(min_length=1, description="The frozen classifiers, in order.")
+    levels: list[int] = Field([-3, -2, -1], min_length=1, description="Feature levels of every backbone without "
+                              "its own `levels` (timm out_indices; negative: from the deepest).")
+    image_size: int | None = Field(
+        None, ge=16, description="Input side in pixels; null: the first backbone's own. Mean and std are the first "
+        "backbone's; the others get the same pixels re-normalised with theirs.")
+
+
 class AugmentConfig(StrictModel):
     """Strong augmentation of the consistency term (the teacher sees a flip only); see cskd_ray.train.augment."""
 
@@ -103,6 +131,22 @@ def check_encoder(cfg: Any) -> None:
 
     if not timm.is_model(cfg.encoder.name):
         raise ConfigError(f"encoder.name: {_unknown('timm encoder', cfg.encoder.name, list_encoders())}")
+
+
+def check_classifiers(cfg: ClassifiersConfig) -> None:
+    """Every backbone is a timm model and its levels exist (built on the meta device: no weights, fast)."""
+    from cskd_ray.models.multilevel import backbones_from, resolve_levels
+    from cskd_ray.models.registry import UnknownModelError
+
+    for index, backbone in enumerate(backbones_from(cfg.model_dump())):
+        key = f"classifiers.backbones.{index}"
+        try:
+            resolve_levels(backbone.name, backbone.levels)
+        except UnknownModelError as exc:
+            raise ConfigError(f"{key}.name: {exc}") from exc
+        except ValueError as exc:
+            where = "levels" if cfg.backbones[index].levels is not None else "levels (from classifiers.levels)"
+            raise ConfigError(f"{key}.{where}: {exc}") from exc
 
 
 def check_batch(cfg: Any) -> None:

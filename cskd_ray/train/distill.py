@@ -8,6 +8,7 @@ table written by ``label``, optionally joined by content with the CLIP feature c
     L = L_sup + λ_kd · D(student(x_u), teacher(x_u)) + λ_feat · (1 − cos(P'(E_s(x_u)), C(x_u)))
         + λ_cons · D(student(strong(x_u)), teacher(weak(x_u)))
         + Σ_t w_t · (1 − cos(P_t(E_s(x)), T_t(x)))
+        + w_f · d(P_h(E_s(x)), h_T(x)) + w_p · D(student(x), T_H(x))
 
 D is EMD (r = 2) for distribution heads and MSE on the normalised score for scalar heads; L_sup is the
 same loss against the labels. The λ_kd term's teacher outputs come from the pseudo-label table (the
@@ -15,8 +16,13 @@ teacher is not run for it). The consistency term (λ_cons) runs the trained teac
 augmented view (a flip) while the student sees a strong view (crop, colour jitter, noise). The extra
 teachers T_t (multi-teacher, arXiv 2206.00809: CLIP towers, timm classifiers) are frozen feature
 extractors, each with its own student projection P_t, on every image of the batch. Every teacher is
-frozen, in eval mode and outside the optimiser (:mod:`cskd_ray.train.teachers`). λ_kd = ``kd_weight``,
-λ_feat = ``feat_weight``, λ_cons = ``consistency_weight``, w_t = ``extra_teachers[t].weight``; 0 turns a
+frozen, in eval mode and outside the optimiser (:mod:`cskd_ray.train.teachers`). The last two terms distil
+Hou et al.'s combined teacher T_H (``hou_teacher``: frozen object classifiers pooled at several levels with an
+MLP head trained on the labels, the teacher stage's ``classifiers``) on every image of the batch: its hidden
+layer h_T ("aesthetic feature", through the student's own projection P_h into the hidden width; d is
+1 − cos or, with ``hou_feature_loss: mse``, the plain MSE (1/D)‖P_h(E_s(x)) − h_T(x)‖²) and its prediction
+(D as above). λ_kd = ``kd_weight``, λ_feat = ``feat_weight``, λ_cons = ``consistency_weight``,
+w_t = ``extra_teachers[t].weight``, w_f = ``hou_feature_weight``, w_p = ``hou_prediction_weight``; 0 turns a
 term off. Validation and the exported model are as for the teacher.
 
 Under DDP every term is the worker's share of its global-batch mean and every projection runs on every
@@ -37,19 +43,24 @@ from torch import nn
 
 from cskd_ray.config import ConfigError
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, FeatureCache, ResultTable
-from cskd_ray.losses import cosine_alignment, emd_loss, score_mse
+from cskd_ray.losses import cosine_alignment, emd_loss, feature_mse, score_mse
 from cskd_ray.models.heads import ProjectionHead
 from cskd_ray.train import augment
 from cskd_ray.train.config import AugmentConfig, ExtraTeacherConfig
 from cskd_ray.train.step import RowCounts
 from cskd_ray.train.supervise import HeadSpec, SupervisedTask
-from cskd_ray.train.teachers import build_extra_teacher, load_scoring_teacher
+from cskd_ray.train.teachers import build_extra_teacher, load_hidden_layer_teacher, load_scoring_teacher
+
+HOU_FEATURE_LOSSES = {"cosine": cosine_alignment, "mse": feature_mse}
+"""d of the Hou feature term by ``hou_feature_loss``: 1 − cos(s, t), or (1/(N·D)) Σ (s − t)²."""
 
 
 class DistillTask(SupervisedTask):
     """Student E_s + H_s (+ projections P', P_t); ``forward`` returns ``loss`` and each term by name.
 
-    Terms: ``sup``, ``kd``, and when their weight is > 0, ``feat``, ``cons`` and ``teacher_<t>``.
+    Terms: ``sup``, ``kd``, and when their weight is > 0, ``feat``, ``cons``, ``teacher_<t>``, and with a
+    ``hou_teacher`` ``hou_feat`` = d(P_h(E_s(x)), h_T(x)) and ``hou_pred`` = D(student(x), T_H(x)) on every valid
+    row, weighted by w_f = ``hou_feature_weight`` and w_p = ``hou_prediction_weight``.
     """
 
     def __init__(self, stage: dict, head: dict, clip_dim: int) -> None:
@@ -58,7 +69,7 @@ class DistillTask(SupervisedTask):
         self.kd_weight, self.feat_weight = float(stage["kd_weight"]), float(stage["feat_weight"])
         self.cons_weight = float(stage["consistency_weight"])
         self.augment, self.seed, self.epoch = AugmentConfig(**stage["augment"]), int(stage["train"]["seed"]), 0
-        width = self.model.head.net[-1].in_features
+        width = self.width
         self.projection = ProjectionHead(width, clip_dim) if self.feat_weight else None
         self.teacher, self.teacher_head = load_scoring_teacher(stage["teacher_model"]) if self.cons_weight \
             else (None, {})
@@ -67,6 +78,13 @@ class DistillTask(SupervisedTask):
         self.extra_weights = [t.weight for t in extra]
         self.extra_projections = nn.ModuleList(ProjectionHead(width, teacher.dim, t.projection)
                                                for teacher, t in zip(self.extra_teachers, extra, strict=True))
+        hou = stage.get("hou_teacher")
+        self.hou_weights = (float(stage["hou_feature_weight"]), float(stage["hou_prediction_weight"])) if hou \
+            else (0.0, 0.0)
+        self.hou_feature_loss = HOU_FEATURE_LOSSES[stage.get("hou_feature_loss", "cosine")]
+        self.hou_teacher = load_hidden_layer_teacher(hou) if any(self.hou_weights) else None
+        self.hou_projection = ProjectionHead(width, self.hou_teacher.dim) \
+            if self.hou_teacher is not None and self.hou_weights[0] else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student encoder, head and projections (the frozen teachers are not modules of the task)."""
@@ -97,15 +115,36 @@ class DistillTask(SupervisedTask):
         target = self.teacher(augment.weak(images, rng))
         _, student = self._student(augment.strong(images, self.augment.crop_scale, self.augment.jitter,
                                                   self.augment.noise, rng))
+        return self._match_teacher(student, target, self.teacher_head)
+
+    def _match_teacher(self, student: torch.Tensor, target: torch.Tensor, head: dict) -> torch.Tensor:
+        """D(student, teacher): EMD (r = 2) on distributions; MSE on scores, the teacher's mapped to the student's."""
         if self.spec.kind == "distribution":
             return emd_loss(student, target, r=2.0)
         # the teacher's own scale → the student's normalised score (scalar heads of both)
-        return score_mse(student, (self.teacher_score(target) - self.spec.low) / (self.spec.high - self.spec.low))
+        return score_mse(student, (self.teacher_score(target, head) - self.spec.low) / (self.spec.high - self.spec.low))
 
-    def teacher_score(self, output: torch.Tensor) -> torch.Tensor:
-        """The online teacher's scalar output on the dataset's scale."""
-        head = self.teacher_head
+    def teacher_score(self, output: torch.Tensor, head: dict | None = None) -> torch.Tensor:
+        """A teacher's scalar output on the dataset's scale (default: the online teacher's head)."""
+        head = head if head is not None else self.teacher_head
         return head["low"] + output * (head["high"] - head["low"])
+
+    def _hou_terms(self, images01: torch.Tensor, features: torch.Tensor, out: torch.Tensor,
+                   rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``hou_feat`` = d(P_h(E_s(x)), h_T(x)) and ``hou_pred`` = D(student(x), T_H(x)) over ``rows``.
+
+        With no row the feature term is ``0 · P_h(E_s(x))`` (a zero gradient for P_h on every DDP worker).
+        """
+        hidden, prediction = self.hou_teacher(images01[rows]) if rows.any() else (None, None)
+        terms = {}
+        if self.hou_projection is not None:
+            projected = self.hou_projection(features.float())
+            terms["hou_feat"] = projected.sum() * 0.0 if hidden is None \
+                else self.hou_feature_loss(projected[rows], hidden)
+        if self.hou_weights[1]:
+            terms["hou_pred"] = out.sum() * 0.0 if prediction is None \
+                else self._match_teacher(out[rows], prediction, self.hou_teacher.head)
+        return terms
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every term on its rows (labeled, unlabeled, unlabeled with a CLIP feature, all) and the weighted sum.
@@ -121,6 +160,9 @@ class DistillTask(SupervisedTask):
         if self.teacher is not None:
             masks["cons"] = valid & ~labeled
         masks.update({f"teacher_{index}": valid for index in range(len(self.extra_teachers))})
+        if self.hou_teacher is not None:
+            masks.update({"hou_feat": valid} if self.hou_projection is not None else {})
+            masks.update({"hou_pred": valid} if self.hou_weights[1] else {})
         counts = RowCounts(masks)
         images01 = batch["pixels"].permute(0, 3, 1, 2).float() / 255.0
         features, out = self._student(images01)
@@ -134,9 +176,12 @@ class DistillTask(SupervisedTask):
             rows = masks[f"teacher_{index}"]
             target = teacher(images01[rows]) if rows.any() else None
             terms[f"teacher_{index}"] = self._aligned(projection(features.float()), target, rows)
+        if self.hou_teacher is not None:
+            terms.update(self._hou_terms(images01, features, out, valid))
         terms = {name: counts.share(name, term) for name, term in terms.items()}
         weights = {"sup": 1.0, "kd": self.kd_weight, "feat": self.feat_weight, "cons": self.cons_weight,
-                   **{f"teacher_{i}": w for i, w in enumerate(self.extra_weights)}}
+                   **{f"teacher_{i}": w for i, w in enumerate(self.extra_weights)},
+                   "hou_feat": self.hou_weights[0], "hou_pred": self.hou_weights[1]}
         loss = sum(weights[name] * term for name, term in terms.items())
         return {"loss": loss, **terms}
 
@@ -195,11 +240,21 @@ def check_teachers(cfg: Any, head: HeadSpec) -> None:
             describe_extra_teacher(teacher_cfg)
         except ValueError as exc:
             raise ConfigError(f"extra_teachers.{index}.name: {exc}") from exc
+    if cfg.hou_teacher:
+        teacher = describe_scoring_model(cfg.hou_teacher)
+        if "format" in teacher or not teacher["head"].get("hidden"):
+            raise ConfigError(f"hou_teacher {cfg.hou_teacher}: its head has no hidden layer; train it with `teacher` "
+                              "and hidden_dim (and classifiers for Hou et al.'s combined teacher)")
+        if (teacher["head"]["kind"], teacher["head"]["bins"]) != (head.kind, head.bins):
+            raise ConfigError(f"hou_teacher {cfg.hou_teacher}: a {teacher['head']['kind']} head with "
+                              f"{teacher['head']['bins']} bins cannot teach the student's {head.kind} head with "
+                              f"{head.bins} bins")
 
 
 def uses_unlabeled(cfg: Any) -> bool:
-    """Whether any term of the loss reads the unlabeled rows (λ_kd, λ_feat, λ_cons or an extra teacher)."""
+    """Whether any term of the loss reads the unlabeled rows (λ_kd, λ_feat, λ_cons, an extra or the Hou teacher)."""
     return bool(cfg.kd_weight or cfg.feat_weight or cfg.consistency_weight
-                or any(t.weight for t in cfg.extra_teachers))
+                or any(t.weight for t in cfg.extra_teachers)
+                or (cfg.hou_teacher and (cfg.hou_feature_weight or cfg.hou_prediction_weight)))
 
 

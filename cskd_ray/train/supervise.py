@@ -13,6 +13,11 @@ Losses (formulas in :mod:`cskd_ray.losses`):
 
 Each checkpoint carries validation SRCC, PLCC, accuracy and EMD (r = 1); the checkpoint with the best
 ``val_srcc`` becomes the exported model (``output/model``).
+
+With ``classifiers`` (Hou et al.'s combined teacher, arXiv 2206.00809) the encoder is frozen
+(:class:`cskd_ray.models.multilevel.MultiLevelFeatures`) and only the head trains: an MLP when ``hidden_dim`` is
+set, H(f) = W_2 · Dropout(GELU(W_1 · Dropout(f))). The frozen classifiers are still part of the model, so
+the checkpoints and the exported folder hold them and the folder loads like any other.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ from cskd_ray.io.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import emd_loss, score_mse
 from cskd_ray.metrics import evaluate_scores
 from cskd_ray.models.heads import AestheticHead, EncoderWithHead
+from cskd_ray.models.multilevel import KIND as MULTILEVEL
+from cskd_ray.models.multilevel import backbones_from, create_multilevel_encoder, multilevel_name
 from cskd_ray.models.registry import create_encoder, encoder_dim
 from cskd_ray.train.checkpoints import MODEL_FILE, STATE_FILE
-from cskd_ray.train.config import EncoderConfig
+from cskd_ray.train.config import ClassifiersConfig, EncoderConfig
 from cskd_ray.train.ingest import decode_labeled
 from cskd_ray.train.step import RowCounts
 
@@ -61,8 +68,16 @@ class HeadSpec:
         return self.low + output * (self.high - self.low)
 
 
-def encoder_for(aligned: str | None, encoder: EncoderConfig) -> tuple[nn.Module, PreprocessSpec, int]:
-    """The encoder to fine-tune, its preprocessing and width: the aligned one, else a new ``encoder``."""
+def encoder_for(aligned: str | None, encoder: EncoderConfig, classifiers: ClassifiersConfig | None = None
+                ) -> tuple[nn.Module, PreprocessSpec, int]:
+    """The encoder, its preprocessing and width: ``classifiers`` (frozen), else the aligned one, else ``encoder``.
+
+    With ``classifiers`` it is Hou et al.'s frozen multi-level extractor (:mod:`cskd_ray.models.multilevel`),
+    whose parameters never train; the others are fine-tuned.
+    """
+    if classifiers is not None:
+        loaded = create_multilevel_encoder(backbones_from(classifiers.model_dump()), classifiers.image_size)
+        return loaded.model, loaded.preprocess, loaded.dim
     if aligned:
         from cskd_ray.train.align import load_aligned
 
@@ -72,19 +87,29 @@ def encoder_for(aligned: str | None, encoder: EncoderConfig) -> tuple[nn.Module,
     return loaded.model, loaded.preprocess, loaded.dim
 
 
+def stage_classifiers(stage: dict) -> ClassifiersConfig | None:
+    """The ``classifiers`` section of a teacher (or distill) stage config given as a dict, if any."""
+    return ClassifiersConfig(**stage["classifiers"]) if stage.get("classifiers") else None
+
+
 class SupervisedTask(nn.Module):
-    """E + H trained on labels; ``validate`` returns SRCC, PLCC, accuracy and EMD on the val batches."""
+    """E + H trained on labels; ``validate`` returns SRCC, PLCC, accuracy and EMD on the val batches.
+
+    ``width`` is the encoder's output width (the input of H, and of distill's projections).
+    """
 
     def __init__(self, stage: dict, head: dict) -> None:
         """``stage``: the teacher (or distill) stage's resolved config as a dict; ``head``: :class:`HeadSpec` fields."""
         super().__init__()
         self.spec = HeadSpec(**head)
-        encoder, self.preprocess, dim = encoder_for(stage.get("aligned"), EncoderConfig(**stage["encoder"]))
-        self.model = EncoderWithHead(encoder, AestheticHead(dim, self.spec.kind, self.spec.bins, stage["dropout"]))
+        encoder, self.preprocess, self.width = encoder_for(stage.get("aligned"), EncoderConfig(**stage["encoder"]),
+                                                           stage_classifiers(stage))
+        self.model = EncoderWithHead(encoder, AestheticHead(self.width, self.spec.kind, self.spec.bins,
+                                                            stage["dropout"], hidden=stage.get("hidden_dim")))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Encoder and head are fine-tuned together."""
-        return list(self.model.parameters())
+        """Encoder and head are fine-tuned together; a frozen encoder (``classifiers``) leaves the head alone."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(normalize_batch(batch["pixels"], self.preprocess, batch["pixels"].device)).float()
@@ -173,7 +198,11 @@ def export_model(cfg: Any, head: HeadSpec, preprocess: PreprocessSpec, weights: 
     encoder = cfg.encoder.model_dump(mode="json")
     if cfg.aligned:
         encoder = json.loads(storage.read_text(storage.join(cfg.aligned, "model.json")))["encoder"]
-    description = {"stage": stage, "encoder": encoder, "head": asdict(head), "preprocess": preprocess.to_dict(),
+    if getattr(cfg, "classifiers", None) is not None:  # rebuilt by cskd_ray.models.saved.build_encoder
+        classifiers = cfg.classifiers.model_dump(mode="json")
+        encoder = {"name": multilevel_name(backbones_from(classifiers)), "kind": MULTILEVEL, **classifiers}
+    head_dict = {**asdict(head), **({"hidden": cfg.hidden_dim} if getattr(cfg, "hidden_dim", None) else {})}
+    description = {"stage": stage, "encoder": encoder, "head": head_dict, "preprocess": preprocess.to_dict(),
                    "step": state["step"], "metrics": state["metrics"], "config": cfg.model_dump(mode="json")}
     storage.write_bytes_once(storage.join(model_dir, MODEL_FILE), save_safetensors(tensors), overwrite=True)
     storage.write_text_once(storage.join(model_dir, "model.json"), json.dumps(description, indent=2), overwrite=True)

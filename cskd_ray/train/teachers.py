@@ -1,7 +1,9 @@
 """Frozen teachers for distillation: the trained aesthetic teacher and extra feature teachers.
 
 The aesthetic teacher feeds the consistency term; the extra teachers (multi-teacher, arXiv 2206.00809)
-are CLIP image towers and timm object classifiers.
+are CLIP image towers and timm object classifiers; the hidden-layer teacher (Hou et al.'s combined teacher,
+arXiv 2206.00809: frozen classifiers + an MLP head trained on the labels) gives its hidden layer and its
+prediction.
 
 A frozen teacher is kept *outside* the task's module tree: its parameters are not in the optimiser, not in
 DDP's gradient buckets and not in checkpoints (a ViT-L teacher would otherwise be copied into every
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from cskd_ray.config import ConfigError
 from cskd_ray.io.transforms import PreprocessSpec
 from cskd_ray.train.config import ExtraTeacherConfig
 
@@ -37,9 +40,8 @@ class FrozenTeacher:
             self.model.to(device)
             self._device = device
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize to the teacher's input size (bilinear, antialiased), normalise, forward in eval mode."""
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the teacher's input size (bilinear, antialiased) and normalise; the model goes to eval mode."""
         self._to(images.device)
         self.model.eval()
         size = self.preprocess.image_size
@@ -47,7 +49,31 @@ class FrozenTeacher:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         mean = torch.tensor(self.preprocess.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        return self.model((images - mean) / std).float()
+        return (images - mean) / std
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the teacher's input size, normalise, forward in eval mode."""
+        return self.model(self._inputs(images)).float()
+
+
+class HiddenLayerTeacher(FrozenTeacher):
+    """A frozen trained teacher whose head has a hidden layer (Hou et al.'s combined teacher, arXiv 2206.00809).
+
+    ``__call__`` returns (h_T(x), prediction_T(x)): the head's hidden activation, the "aesthetic feature" of width
+    ``dim``, and its output (probabilities (N, K) or normalised scores (N,)), both float32. ``head`` is the
+    teacher's head spec (``model.json``), to map scalar outputs back to the dataset's scale.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: PreprocessSpec, name: str, head: dict) -> None:
+        super().__init__(model, preprocess, model.head.embed_dim, name)
+        self.head = head
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """(h_T(x), prediction_T(x)) of ``(N, 3, S, S)`` images in [0, 1]."""
+        hidden = self.model.head.embed(self.model.encoder(self._inputs(images)))
+        return hidden.float(), self.model.head.predict(hidden).float()
 
 
 def build_extra_teacher(cfg: ExtraTeacherConfig) -> FrozenTeacher:
@@ -77,3 +103,18 @@ def load_scoring_teacher(model_dir: str) -> tuple[FrozenTeacher, dict]:
     loaded = load_scoring_model(model_dir)
     return FrozenTeacher(loaded.model, loaded.preprocess, loaded.head["bins"], f"teacher:{loaded.model_id}"), \
         loaded.head
+
+
+def load_hidden_layer_teacher(model_dir: str) -> HiddenLayerTeacher:
+    """A teacher stage's ``output/model`` with a hidden-layer head (``hidden_dim``), frozen, for distill's Hou terms.
+
+    Raises:
+        ConfigError: The folder is an export (no hidden layer to read) or its head has no hidden layer.
+    """
+    from cskd_ray.models.saved import ScoringModel, load_scoring_model
+
+    loaded = load_scoring_model(model_dir)
+    if not isinstance(loaded, ScoringModel) or not loaded.head.get("hidden"):
+        raise ConfigError(f"hou_teacher {model_dir}: its head has no hidden layer; train it with `teacher` and "
+                          "hidden_dim (and classifiers for Hou et al.'s combined teacher)")
+    return HiddenLayerTeacher(loaded.model, loaded.preprocess, f"hou:{loaded.model_id}", loaded.head)
