@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cskd_ray.config import ConfigError
 from cskd_ray.io.transforms import normalize_batch
@@ -170,16 +170,21 @@ def test_augmentations_keep_shape_and_range_and_follow_the_generator() -> None:
 def test_distill_trains_on_labels_pseudo_labels_and_features(feature_cache: str, teacher_run: Path, demo_data: Path,
                                                              tmp_path: Path) -> None:
     """The session's feature cache and trained teacher (its pseudo-labels of unlabeled.csv, and the teacher itself
-    online for the consistency term), with two extra frozen teachers, on 2 DDP workers of 4 rows each under Ray
-    Train (its process group carries the loss terms' row counts and the metrics; tests/train/test_ddp_equivalence.py
-    checks the same step against 1 worker, with steps where a worker has no row of a term)."""
+    online for the consistency term), with two extra frozen teachers and a Hou et al. combined teacher (hidden layer
+    and prediction terms), on 2 DDP workers of 4 rows each under Ray Train (its process group carries the loss terms'
+    row counts and the metrics; tests/train/test_ddp_equivalence.py checks the same step against 1 worker, with steps
+    where a worker has no row of a term). Only the student is checkpointed: no frozen teacher's weights."""
+    from test_multi_teacher import save_hou_teacher
+
     teacher = teacher_run / "teacher" / "model"
+    hou = save_hou_teacher(tmp_path / "hou")
     cfg = load_config("distill", CONFIG, [f"labels.images_root={demo_data / 'images'}",
                                           f"labels.test_list={demo_data / 'test.jpgl'}", "aligned=null",
                                           f"pseudo_labels={teacher_run / 'pseudo-labels'}", f"features={feature_cache}",
                                           "train.batch_size=8", "train.num_workers=2", "train.epochs=1",
                                           "decode_batch_size=8",
-                                          "consistency_weight=0.5", f"teacher_model={teacher}", EXTRA_TEACHERS],
+                                          "consistency_weight=0.5", f"teacher_model={teacher}", EXTRA_TEACHERS,
+                                          f"hou_teacher={hou}", "hou_feature_weight=0.5", "hou_prediction_weight=0.5"],
                       input_uris=[str(demo_data / "AVA.txt")], output_uri=str(tmp_path / "student"))
     result = run_distill(cfg)
     # the YAML's honest split: 15 labeled images minus the carved validation split and minus the test split
@@ -189,7 +194,15 @@ def test_distill_trains_on_labels_pseudo_labels_and_features(feature_cache: str,
     assert result.val_rows > 0 and result.train_rows == (15 - result.val_rows - num_test) + 45
     description = json.loads((tmp_path / "student" / "model" / "model.json").read_text())
     assert description["stage"] == "distill" and "val_srcc" in description["metrics"]
-    assert {"sup", "kd", "feat", "cons", "teacher_0", "teacher_1"} <= set(description["metrics"])
+    terms = {"sup", "kd", "feat", "cons", "teacher_0", "teacher_1", "hou_feat", "hou_pred"}
+    assert terms <= set(description["metrics"])
+    history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in history if "hou_feat" in row]
+    assert logged and all(row["hou_feat"] > 0 and row["hou_pred"] > 0 for row in logged)
+    [checkpoint] = sorted((tmp_path / "student" / "train").glob("checkpoint_*/model.safetensors"))[-1:]
+    keys = set(load_file(str(checkpoint)))
+    # the student and its projections; no frozen teacher (CLIP, timm, the online teacher, Hou's classifiers)
+    assert {k.split(".")[0] for k in keys} == {"model", "projection", "extra_projections", "hou_projection"}
 
 
 def test_distill_needs_a_pseudo_label_table(ray_session, demo_data: Path, tmp_path: Path) -> None:

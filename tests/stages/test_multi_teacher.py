@@ -43,7 +43,7 @@ def _distill(demo: Path, out: Path, *overrides: str):
                        input_uris=[str(demo / "AVA.txt")], output_uri=str(out))
 
 
-def _save_hou_teacher(folder: Path) -> Path:
+def save_hou_teacher(folder: Path) -> Path:
     """A combined-teacher folder (random weights) as `teacher` with classifiers and hidden_dim writes it."""
     torch.manual_seed(0)
     encoder = create_multilevel_encoder([Backbone("test_resnet", levels=(-1,)), Backbone("test_efficientnet")], 48)
@@ -90,7 +90,7 @@ def test_bad_classifier_configs_fail_before_training_naming_the_key(demo_data: P
 @pytest.mark.parametrize("loss", ["cosine", "mse"])
 def test_hou_terms_distil_hidden_layer_and_prediction_on_every_valid_row(demo_data: Path, tmp_path: Path,
                                                                         loss: str) -> None:
-    teacher_dir = _save_hou_teacher(tmp_path / "hou")
+    teacher_dir = save_hou_teacher(tmp_path / "hou")
     stage = _distill(demo_data, tmp_path / "s", "kd_weight=0", "feat_weight=0", f"hou_teacher={teacher_dir}",
                      "hou_feature_weight=0.5", "hou_prediction_weight=0.25", f"hou_feature_loss={loss}")
     task = DistillTask(stage.model_dump(), HEAD, clip_dim=1).train()
@@ -118,12 +118,11 @@ def test_hou_terms_distil_hidden_layer_and_prediction_on_every_valid_row(demo_da
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_combined_teacher_trains_head_only_and_a_student_distils_it(teacher_run: Path, demo_data: Path,
-                                                                   tmp_path: Path) -> None:
-    """The teacher stage with classifiers (2 steps, validated) writes a folder every stage loads; a distill run
-    with hou_teacher (2 steps, the session teacher's pseudo-labels as the unlabeled images) logs both Hou terms and
-    checkpoints only the student."""
-    from cskd_ray.stages.distill import run as run_distill
+def test_combined_teacher_trains_head_only_and_its_folder_loads_everywhere(ray_session, demo_data: Path,
+                                                                          tmp_path: Path) -> None:
+    """The teacher stage with classifiers (2 steps, validated) writes a folder every stage loads, and trains the
+    head only. The student side under Ray Train (both Hou terms logged, only the student checkpointed) is part of the
+    distill run in tests/stages/test_distill.py, which turns every term on at once."""
     from cskd_ray.stages.teacher import run as run_teacher
 
     result = run_teacher(_teacher(demo_data, tmp_path / "hou", CLASSIFIERS, "hidden_dim=16", "train.batch_size=4",
@@ -146,17 +145,3 @@ def test_combined_teacher_trains_head_only_and_a_student_distils_it(teacher_run:
                                        Backbone("test_efficientnet", levels=(2, 4))], 48).model
     frozen = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
     assert all(torch.equal(frozen[k], v) for k, v in fresh.state_dict().items())
-
-    cfg = _distill(demo_data, tmp_path / "student", f"pseudo_labels={teacher_run / 'pseudo-labels'}",
-                   "kd_weight=0", "feat_weight=0", f"hou_teacher={folder}", "max_unlabeled=8",
-                   "train.batch_size=8", "train.max_steps=2", "train.warmup_steps=1")
-    check_stage("distill", cfg)
-    student = run_distill(cfg)
-    assert student.steps == 2
-    history = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
-    logged = [row for row in history if "hou_feat" in row]
-    assert logged and all(row["hou_feat"] > 0 and row["hou_pred"] > 0 for row in logged)
-    [checkpoint] = sorted((tmp_path / "student" / "train").glob("checkpoint_*/model.safetensors"))[-1:]
-    keys = set(load_file(str(checkpoint)))
-    assert keys and all(k.startswith(("model.", "hou_projection.")) for k in keys)
-    assert not any(k.startswith("model.encoder.backbones") for k in keys)
