@@ -32,6 +32,7 @@ from cskd_ray.train.launch import TaskFactory, train_worker_loop
 from cskd_ray.train.placement import forget_placement_group, register_placement_group
 from cskd_ray.train.step import global_metrics, make_optimizer, train_step
 from cskd_ray.train.tracking import start_worker_run
+from cskd_ray.train.validation import ValidationBatches
 
 # Ray Train callbacks that build_trainer adds to every trainer built in the current context (a trial of a
 # Tune sweep adds Tune's TuneReportCallback this way, so the stages need no Tune-specific argument).
@@ -53,23 +54,21 @@ def extra_run_callbacks(callbacks: list[Any]) -> Iterator[None]:
 
 
 def _checkpoint(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                config: dict, val_shard: Any, batch_size: int, history: TrainingHistory) -> None:
+                config: dict, validation: ValidationBatches | None, history: TrainingHistory) -> None:
     """Validate (when the stage has a ``val`` dataset), then save and report a checkpoint from rank 0.
 
     The history (with the validation metrics) is saved inside the checkpoint and, once the checkpoint is
     reported, published to the stage's output (``metrics.jsonl``, TensorBoard events).
     """
     import ray.train
-    import ray.train.torch
 
     task = unwrap(model)
-    if val_shard is not None:
+    if validation is not None:
         task.eval()
         with torch.no_grad():
-            batches = val_shard.iter_torch_batches(batch_size=batch_size, device=ray.train.torch.get_device())
-            validation = task.validate(batches)
-        state.metrics = {**(state.metrics or {}), **validation}
-        history.log(state.step, state.epoch, validation)
+            metrics = task.validate(validation)
+        state.metrics = {**(state.metrics or {}), **metrics}
+        history.log(state.step, state.epoch, metrics)
         task.train()
     payload = {**(state.metrics or {}), "step": state.step, "epoch": state.epoch}
     with tempfile.TemporaryDirectory() as directory:
@@ -116,7 +115,8 @@ def run_worker_loop(loop_config: dict) -> None:
             state = load_checkpoint(directory, model, optimizer, scheduler)
             history.restore(directory, state.step)
     shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("validate") else None
+    validation = ValidationBatches(ray.train.get_dataset_shard("val"), cfg.batch_size, device,
+                                   cfg.val_cache_mb << 20) if loop_config.get("validate") else None
     output = loop_config.get("output")
     group = register_placement_group(output) if rank == 0 and output else None  # freed by Tune if stopped early
     tracker = start_worker_run(cfg.tracking, loop_config["stage"], loop_config.get("output"), rank,
@@ -142,10 +142,9 @@ def run_worker_loop(loop_config: dict) -> None:
             state.metrics = {**global_metrics(outputs), "lr": scheduler.get_last_lr()[0]}
             history.log(state.step, state.epoch, state.metrics)
             last = state.step == stop_at
-            epoch_end = index + 1 == steps_per_epoch and val_shard is not None
+            epoch_end = index + 1 == steps_per_epoch and validation is not None
             if state.step % cfg.checkpoint_every == 0 or last or epoch_end:
-                _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], val_shard, cfg.batch_size,
-                            history)
+                _checkpoint(state, model, optimizer, scheduler, loop_config["stage"], validation, history)
                 tracker.log(state.step, {**state.metrics, "epoch": state.epoch})  # rank 0's report
         state.epoch += 1
     history.close()

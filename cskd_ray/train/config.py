@@ -63,6 +63,10 @@ class TrainerConfig(StrictModel):
         "resumed run sees exactly the batches it had not trained on yet."
     )
     seed: int = Field(0, description="Seed of weights initialisation, shuffling and sampling.")
+    val_cache_mb: int = Field(
+        512, ge=0, description="Keep the validation split's decoded batches in each worker's memory after the "
+        "first check when they fit in this many MiB (later checks then read and decode nothing); 0: stream it "
+        "at every check.")
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="Experiment tracking of this run and of Tune sweeps over it "
         "(MLflow or W&B; off by default), see cskd_ray.train.tracking.")
@@ -127,10 +131,10 @@ def check_encoder(cfg: Any) -> None:
         return
     import timm
 
-    from cskd_ray.models.registry import _unknown, list_encoders
+    from cskd_ray.models.registry import list_encoders, unknown_model
 
     if not timm.is_model(cfg.encoder.name):
-        raise ConfigError(f"encoder.name: {_unknown('timm encoder', cfg.encoder.name, list_encoders())}")
+        raise ConfigError(f"encoder.name: {unknown_model('timm encoder', cfg.encoder.name, list_encoders())}")
 
 
 def check_classifiers(cfg: ClassifiersConfig) -> None:
