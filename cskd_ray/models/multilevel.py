@@ -30,11 +30,11 @@ from cskd_ray.models.registry import (
     RANDOM_WEIGHTS,
     LoadedModel,
     WeightsUnavailableError,
-    _unknown,
     fetch_checkpoint,
     file_digest,
     list_encoders,
     load_state_dict,
+    unknown_model,
 )
 
 KIND = "classifiers"
@@ -112,7 +112,7 @@ def resolve_levels(name: str, levels: tuple[int, ...]) -> tuple[int, ...]:
     import timm
 
     if not timm.is_model(name):
-        raise _unknown("timm encoder", name, list_encoders())
+        raise unknown_model("timm encoder", name, list_encoders())
     with torch.device("meta"):
         probe = timm.create_model(name, pretrained=False, features_only=True, out_indices=(-1,))
     count = len(probe.feature_info.info)

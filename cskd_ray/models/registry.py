@@ -90,7 +90,11 @@ class LoadedModel:
         return self.weights.startswith("random:")
 
 
-def _unknown(kind: str, name: str, choices: list[str]) -> UnknownModelError:
+def unknown_model(kind: str, name: str, choices: list[str]) -> UnknownModelError:
+    """The error for a model name not in ``choices``: it names the kind and the closest valid names.
+
+    Stage configs and sweeps raise it (wrapped in their key's ``ConfigError``) before any model is built.
+    """
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; see cskd-ray list-models ({kind})"
     return UnknownModelError(f"unknown {kind} model {name!r}{hint}")
@@ -218,7 +222,7 @@ def _build_clip(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module
             ) from exc
         return model, name
     if name not in list_clip_models():
-        raise _unknown("CLIP", name, list_clip_models())
+        raise unknown_model("CLIP", name, list_clip_models())
     if tag == "proxy":  # the demo's proxy CLIP: built once, sha256-verified (cskd_ray.models.proxy_clip)
         from cskd_ray.models.proxy_clip import proxy_weights_path
 
@@ -303,7 +307,7 @@ def describe_clip(name: str, pretrained: str | None = None, *, seed: int = 0) ->
     if name.startswith("hf-hub:") or not (random_init or tag in list_clip_pretrained(name)):
         return create_clip(name, pretrained, seed=seed)  # files, hub models and bad tags take the full path
     if name not in list_clip_models():
-        raise _unknown("CLIP", name, list_clip_models())
+        raise unknown_model("CLIP", name, list_clip_models())
     overrides: dict = {}
     if not random_init:
         cfg = open_clip.get_pretrained_cfg(name, tag)
@@ -338,7 +342,7 @@ def create_encoder(name: str, pretrained: bool | str = False, *, image_size: int
     import timm
 
     if not timm.is_model(name):
-        raise _unknown("timm encoder", name, list_encoders())
+        raise unknown_model("timm encoder", name, list_encoders())
     file_weights = isinstance(pretrained, str) and pretrained.lower() not in RANDOM_WEIGHTS
     try:
         model = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)

@@ -268,13 +268,13 @@ class ClipFeatureActor:
 
 def check(cfg: FeaturesConfig) -> None:
     """Before Ray starts: paths, that every source exists, and that the CLIP model name is known."""
-    from cskd_ray.models.registry import _unknown, list_clip_models
+    from cskd_ray.models.registry import list_clip_models, unknown_model
 
     check_paths(cfg)
     check_sources(cfg)
     name = cfg.clip.name
     if not name.startswith("hf-hub:") and name not in list_clip_models():
-        raise ConfigError(f"clip.name: {_unknown('CLIP', name, list_clip_models())}")
+        raise ConfigError(f"clip.name: {unknown_model('CLIP', name, list_clip_models())}")
 
 
 def summary(result: FeaturesResult) -> str:

@@ -124,14 +124,14 @@ def _check_values(cfg: TuneConfig, base: dict) -> None:
         if key == "encoder.name":
             import timm
 
-            from cskd_ray.models.registry import _unknown, list_encoders
+            from cskd_ray.models.registry import list_encoders, unknown_model
 
             if base.get("aligned"):
                 raise ConfigError("search: encoder.name has no effect while `aligned` is set (the aligned model "
                                   "fixes the architecture); set aligned: null, or search over `aligned` instead")
             for name in dim.values() if dim.kind in ("choice", "grid") else []:
                 if not timm.is_model(name):
-                    raise ConfigError(f"search.encoder.name: {_unknown('timm encoder', name, list_encoders())}")
+                    raise ConfigError(f"search.encoder.name: {unknown_model('timm encoder', name, list_encoders())}")
 
 
 @dataclass
