@@ -138,9 +138,8 @@ class DistillTask(SupervisedTask):
         hidden, prediction = self.hou_teacher(images01[rows]) if rows.any() else (None, None)
         terms = {}
         if self.hou_projection is not None:
-            projected = self.hou_projection(features.float())
-            terms["hou_feat"] = projected.sum() * 0.0 if hidden is None \
-                else self.hou_feature_loss(projected[rows], hidden)
+            terms["hou_feat"] = self._aligned(self.hou_projection(features.float()), hidden, rows,
+                                              self.hou_feature_loss)
         if self.hou_weights[1]:
             terms["hou_pred"] = out.sum() * 0.0 if prediction is None \
                 else self._match_teacher(out[rows], prediction, self.hou_teacher.head)
@@ -186,14 +185,16 @@ class DistillTask(SupervisedTask):
         return {"loss": loss, **terms}
 
     @staticmethod
-    def _aligned(projected: torch.Tensor, target: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """1 − cos(P(E(x)), target) over ``rows`` (``target`` holds those rows' targets, None if there is none).
+    def _aligned(projected: torch.Tensor, target: torch.Tensor | None, rows: torch.Tensor,
+                 distance: Any = cosine_alignment) -> torch.Tensor:
+        """d(P(E(x)), target) over ``rows``; d is 1 − cos unless ``distance`` is given.
 
-        With no row it is ``0 · P(E(x))``: the projection still gets a gradient, of zeros.
+        ``target`` holds those rows' targets (None if there is none). With no row it is ``0 · P(E(x))``: the
+        projection still gets a gradient, of zeros.
         """
         if target is None or not rows.any():
             return projected.sum() * 0.0
-        return cosine_alignment(projected[rows], target)
+        return distance(projected[rows], target)
 
 
 def unlabeled_rows(cfg: Any, labeled_uris: set[str], head: HeadSpec) -> tuple[pa.Table, int]:

@@ -34,6 +34,7 @@ class ValidationBatches:
     def __init__(self, shard: Any, batch_size: int, device: torch.device, budget_bytes: int) -> None:
         self.shard, self.batch_size, self.device, self.budget_bytes = shard, batch_size, device, budget_bytes
         self.cached: list[dict[str, Any]] | None = None
+        self.fits = budget_bytes > 0  # False once a pass has gone over the budget: later passes keep nothing
         self.passes = 0  # Ray Data executions of the split so far
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -42,7 +43,7 @@ class ValidationBatches:
                 yield self._to_device(batch)
             return
         self.passes += 1
-        kept: list[dict[str, Any]] | None = [] if self.budget_bytes > 0 else None
+        kept: list[dict[str, Any]] | None = [] if self.fits else None
         size = 0
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, device="cpu"):
             if kept is not None:
@@ -50,7 +51,7 @@ class ValidationBatches:
                 if size <= self.budget_bytes:
                     kept.append(batch)
                 else:
-                    kept = None  # over budget: stream at every check
+                    kept, self.fits = None, False  # over budget: stream at every check
             yield self._to_device(batch)
         self.cached = kept  # only a complete pass is cached
 

@@ -21,12 +21,17 @@ from cskd_ray.train.align import load_aligned
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+BASE = ["train.batch_size=16", "train.epochs=2", "train.warmup_steps=1", "train.checkpoint_every=2",
+        "train.shuffle=false", "train.deterministic=true", "train.lr=0.01", "decode_batch_size=8"]
+
+
+def _config(cache: str, output: Path, *overrides: str):
+    return load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*BASE, *overrides],
+                       input_uris=[cache], output_uri=str(output))
+
+
 def _align(cache: str, output: Path, *overrides: str):
-    base = ["train.batch_size=16", "train.epochs=2", "train.warmup_steps=1", "train.checkpoint_every=2",
-            "train.shuffle=false", "train.deterministic=true", "train.lr=0.01", "decode_batch_size=8"]
-    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
-                      input_uris=[cache], output_uri=str(output))
-    return run_align(cfg)
+    return run_align(_config(cache, output, *overrides))
 
 
 def test_align_rejects_a_folder_that_is_not_a_feature_cache(ray_session, tmp_path: Path) -> None:
@@ -73,10 +78,7 @@ def _one_process_reference(cache: str, output: Path, *overrides: str) -> dict[st
     from cskd_ray.train.launch import TaskFactory
     from cskd_ray.train.step import make_optimizer, train_step
 
-    base = ["train.epochs=2", "train.warmup_steps=1", "train.checkpoint_every=2", "train.shuffle=false",
-            "train.deterministic=true", "train.lr=0.01", "decode_batch_size=8"]  # as _align
-    cfg = load_config("align", REPO / "jobs" / "configs" / "demo" / "align.yaml", [*base, *overrides],
-                      input_uris=[cache], output_uri=str(output))
+    cfg = _config(cache, output, *overrides)
     table = FeatureCache(cache).read(["uri", "feature", "error"])
     spec = create_encoder(cfg.encoder.name).preprocess.to_dict()
     batch = {k: torch.from_numpy(v) for k, v in decode_cached_rows(table, spec, cfg.max_pixels).items()}
