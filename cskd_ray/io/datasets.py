@@ -1,7 +1,12 @@
-"""Ray datasets of tables the driver already holds (label lists, planned URIs), built without Ray tasks."""
+"""Ray datasets built without start-up work on the cluster.
+
+Tables the driver holds (label lists, planned URIs), and Parquet files whose paths it already knows (feature
+cache shards).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -20,3 +25,22 @@ def table_dataset(table: pa.Table, rows_per_block: int) -> Any:
     step = max(1, rows_per_block)
     blocks = [table.slice(i, step) for i in range(0, len(table), step)] or [table]
     return ray.data.from_blocks(blocks)
+
+
+def parquet_dataset(paths: Sequence[str], filesystem: Any, columns: list[str]) -> Any:
+    """A Ray dataset of ``columns`` of the Parquet files ``paths`` (already listed, e.g. a table's shards).
+
+    Read through Ray Data's V1 Parquet datasource. The V2 one (Ray 2.60's default) provisions a pool of 32
+    ``FooterReader`` actors for every listing, even of files whose paths are given: on a 2-core machine each
+    2-step align run started about 10 processes instead of 5 and took 21 s instead of 17-20 s. The V1 datasource
+    reads the footers on the driver (a few files) or in metadata tasks (many files).
+    """
+    import ray
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(list(paths), filesystem=filesystem, columns=columns)
+    finally:
+        context.use_datasource_v2 = previous

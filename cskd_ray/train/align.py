@@ -23,6 +23,7 @@ from torch import nn
 
 from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
+from cskd_ray.io.datasets import parquet_dataset
 from cskd_ray.io.feature_cache import FeatureCache
 from cskd_ray.io.transforms import PreprocessSpec, normalize_batch
 from cskd_ray.losses import alignment_loss
@@ -117,8 +118,6 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
 
     ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps).
     """
-    import ray
-
     cache = FeatureCache(cache_uri)
     if cache.read_meta() is None or not cache.shards():
         raise ConfigError(f"input {cache_uri}: not a feature cache (no _meta.json or shards); run `features` first")
@@ -126,8 +125,7 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     if rows == 0:
         raise ConfigError(f"input {cache_uri}: the cache holds no image with a feature")
     fs, _ = storage.resolve(cache_uri)
-    ds = ray.data.read_parquet([storage.resolve(s)[1] for s in cache.shards()], filesystem=fs,
-                               columns=["uri", column, "error"])
+    ds = parquet_dataset([storage.resolve(s)[1] for s in cache.shards()], fs, ["uri", column, "error"])
     ds = ds.map_batches(as_large_lists, batch_size=None, batch_format="pyarrow")  # one type across shard versions
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column})
