@@ -5,15 +5,17 @@ region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials come from the s
 (environment, shared credentials file, instance profile) inside pyarrow. Nothing here reads
 credentials from config files of this project or logs them.
 
-Object storage fails now and then (503 SlowDown under load, dropped connections). Every S3 call made
-through :func:`s3_filesystem` (our reads and writes, Ray Data's Parquet reads, Ray Train's checkpoint
-uploads) is retried by the AWS SDK's standard retry strategy: up to ``CSKD_S3_MAX_ATTEMPTS`` attempts
-(default 10) with exponential backoff and jitter, on throttling, 5xx and network errors. With a fault
-rate p per request, a call fails only when all attempts do: p^10 ≈ 1e-7 at p = 20%. Some failures
-happen after the SDK has accepted a response (a body cut mid-stream: ``INTERNAL_FAILURE ... Failed to
-flush response stream``) and are not retried by it; :func:`retry_io` repeats our whole operation on
-those (``CSKD_S3_OP_ATTEMPTS``, default 4, backoff 0.2 s · 2^k), the way Ray Data's ``retried_io_errors``
-does for its own reads.
+Object storage fails now and then (503 SlowDown under load, dropped connections). Every S3 call made through
+:func:`s3_filesystem` (our reads and writes, Ray Data's Parquet reads, Ray Train's checkpoint uploads) is retried
+by the AWS SDK: up to ``CSKD_S3_MAX_ATTEMPTS`` attempts (default 10) on throttling, 5xx and network errors, with
+the backoff of the standard AWS variable ``AWS_RETRY_MODE``: ``standard`` (the default: the backoff with jitter
+AWS recommends under throttling, up to seconds between attempts) or ``legacy`` (the SDK's older 25 ms · 2^k: quick
+retries for a nearby store such as MinIO or a test server). The SDK's ``adaptive`` mode is not available in
+pyarrow and is refused. With a fault rate p per request, a call fails only when all attempts do: p^10 ≈ 1e-7 at p
+= 20%. Some failures happen after the SDK has accepted a response (a body cut mid-stream: ``INTERNAL_FAILURE ...
+Failed to flush response stream``) and are not retried by it; :func:`retry_io` repeats our whole operation on
+those (``CSKD_S3_OP_ATTEMPTS``, default 4, backoff 0.2 s · 2^k), the way Ray Data's ``retried_io_errors`` does for
+its own reads.
 
 Outputs are written atomically and at most once: :func:`write_bytes_once` writes to a temporary name
 and renames it into place on local disks, and relies on S3's all-or-nothing ``PutObject`` /
@@ -42,6 +44,7 @@ from cskd_ray.io.fetch import FetchError, fetch_url, is_url
 S3_SCHEMES = ("s3", "s3a")
 GLOB_CHARS = "*?["
 DEFAULT_S3_MAX_ATTEMPTS = 10
+S3_RETRY_MODES = {"standard": pafs.AwsStandardS3RetryStrategy, "legacy": pafs.AwsDefaultS3RetryStrategy}
 DEFAULT_S3_OP_ATTEMPTS = 4
 # Messages of transient object-storage failures (as pyarrow words them), retried by retry_io.
 TRANSIENT_ERRORS = ("INTERNAL_FAILURE", "NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "THROTTLING",
@@ -88,6 +91,14 @@ def s3_max_attempts() -> int:
     return _attempts_from_env("CSKD_S3_MAX_ATTEMPTS", DEFAULT_S3_MAX_ATTEMPTS)
 
 
+def s3_retry_mode() -> str:
+    """The SDK's retry backoff from ``AWS_RETRY_MODE`` (``standard`` when unset; see the module docstring)."""
+    mode = os.environ.get("AWS_RETRY_MODE", "standard").strip().lower() or "standard"
+    if mode not in S3_RETRY_MODES:
+        raise StorageError(f"AWS_RETRY_MODE={mode!r}: pyarrow's S3 client supports {sorted(S3_RETRY_MODES)}")
+    return mode
+
+
 class RetryingS3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3 filesystem with our retry strategy, also after pickling.
 
@@ -96,14 +107,14 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     subclass pickles as the arguments that build it.
     """
 
-    def __init__(self, endpoint: str | None, region: str, max_attempts: int) -> None:
-        kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
+    def __init__(self, endpoint: str | None, region: str, max_attempts: int, retry_mode: str = "standard") -> None:
+        kwargs: dict = {"region": region, "retry_strategy": S3_RETRY_MODES[retry_mode](max_attempts=max_attempts)}
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or parsed.path
             kwargs["scheme"] = parsed.scheme or "https"
         super().__init__(**kwargs)
-        self.spec = (endpoint, region, max_attempts)
+        self.spec = (endpoint, region, max_attempts, retry_mode)
 
     def __reduce__(self) -> tuple:
         return (_s3_filesystem, self.spec)
@@ -132,14 +143,15 @@ def retry_io(operation: Callable[[], object], uri: str) -> object:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str, max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS) -> pafs.S3FileSystem:
-    return RetryingS3FileSystem(endpoint, region, max_attempts)
+def _s3_filesystem(endpoint: str | None, region: str, max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
+                   retry_mode: str = "standard") -> pafs.S3FileSystem:
+    return RetryingS3FileSystem(endpoint, region, max_attempts, retry_mode)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the environment (endpoint, region; credentials from AWS chain)."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(s3_endpoint(), region, s3_max_attempts())
+    return _s3_filesystem(s3_endpoint(), region, s3_max_attempts(), s3_retry_mode())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
