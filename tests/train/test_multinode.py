@@ -1,9 +1,10 @@
 """Multi-node correctness on one machine: a head plus two worker nodes (``ray.cluster_utils.Cluster``, 127.0.0.1,
 each node with its own CPUs and object store).
 
-Checked: the features pass and the scoring pass run their actors on more than one node; a 2-worker Ray Train
-run (align, ``train.placement_strategy=STRICT_SPREAD``) puts its workers on two different nodes; every output
-holds exactly one row per input (no duplicates, corrupt images as error rows) and the trained model is written.
+Checked: the features pass runs its actors on more than one node; a 2-worker Ray Train run (align,
+``train.placement_strategy=STRICT_SPREAD``) puts its workers on two different nodes; the features table holds
+exactly one row per input (no duplicates, corrupt images as error rows) and the trained model is written. Label and
+score run the same pass (``io/row_pipeline``) with another model actor, so they are not run again here.
 
 One process holds one Ray, and the test session's ``ray_session`` may already be up, so the cluster runs in a
 child process (this file run as a script); the test reads what it reports.
@@ -25,7 +26,7 @@ import pytest
 from ray_processes import own_ray_env, patient_node_startup, stop_processes_under
 
 REPO = Path(__file__).resolve().parents[2]
-TESTS = REPO / "tests"  # the helpers this file imports when it runs as a script (ray_processes, test_score)
+TESTS = REPO / "tests"  # the helpers this file imports when it runs as a script (ray_processes)
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -103,18 +104,14 @@ def _start_cluster() -> tuple[Any, list, Path]:
 
 
 def run_cluster(work: Path) -> dict:
-    """Start the 3-node cluster, run features, score and a 2-worker align on it, and report what ran where."""
+    """Start the 3-node cluster, run features and a 2-worker align on it, and report what ran where."""
     import ray
 
     from cskd_ray.io.demo import make_demo_data
-    from cskd_ray.io.feature_cache import LABEL_SCHEMA, FeatureCache, ResultTable
+    from cskd_ray.io.feature_cache import FeatureCache
     from cskd_ray.stages import load_config
     from cskd_ray.stages.align import run as run_align
     from cskd_ray.stages.features import run as run_features
-    from cskd_ray.stages.score import run as run_score
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_score import write_model_folder  # a real model folder, as teacher/distill write it
 
     data = work / "data"
     make_demo_data(data, 40, labeled_fraction=0.25, seed=0, image_size=64, num_corrupt=2)
@@ -154,16 +151,8 @@ def run_cluster(work: Path) -> dict:
         )
         run_features(features)
         report["features_nodes"] = _actor_nodes(cluster.address, "MapWorker(MapBatches(ClipFeatureActor))")
-        report["features_uris"] = FeatureCache(features.output).read(["uri"]).column("uri").to_pylist()
-
-        model = write_model_folder(work / "student" / "model")
-        score = load_config(
-            "score", None, [f"model={model}", *pool], input_uris=[images], output_uri=str(work / "scores")
-        )
-        run_score(score)
-        report["score_nodes"] = _actor_nodes(cluster.address, "MapWorker(MapBatches(ScoreActor))")
-        table = ResultTable(score.output, LABEL_SCHEMA).read(["uri", "error"]).to_pydict()
-        report["score_uris"], report["score_errors"] = table["uri"], sum(bool(e) for e in table["error"])
+        table = FeatureCache(features.output).read(["uri", "error"]).to_pydict()
+        report["features_uris"], report["features_errors"] = table["uri"], sum(bool(e) for e in table["error"])
 
         align = load_config(
             "align",
@@ -193,10 +182,9 @@ def run_cluster(work: Path) -> dict:
 
 
 @pytest.mark.timeout(900)  # ~2 min on an idle 2-core machine; far longer when other jobs load it
-def test_features_score_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Path) -> None:
+def test_features_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Path) -> None:
     env = own_ray_env(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120",
-                      PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), str(TESTS / "stages"),
-                                                                os.environ.get("PYTHONPATH")])))
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, __file__, str(tmp_path)],
         env=env,
@@ -211,15 +199,14 @@ def test_features_score_and_train_spread_over_nodes_with_complete_outputs(tmp_pa
     print(f"multinode: cluster up in {report['cluster_seconds']} s, all done in {report['seconds']} s")
     nodes = set(report["nodes"])
     assert len(nodes) == 3 and set(report["worker_nodes"]) < nodes
-    for key in ("features_nodes", "score_nodes", "train_nodes"):
+    for key in ("features_nodes", "train_nodes"):
         assert set(report[key]) <= nodes, key
         assert len(set(report[key])) >= 2, f"{key}: every actor on one node: {report[key]}"
     assert len(report["train_nodes"]) == 2 and report["align_steps"] == 2
     assert (tmp_path / "align" / "model" / "model.json").is_file()
     images = report["images"]
-    assert sorted(report["score_uris"]) == images  # one row per input, duplicate-free, errors as rows
-    assert 0 < report["score_errors"] < len(images)
-    assert sorted(report["features_uris"]) == images
+    assert sorted(report["features_uris"]) == images  # one row per input, duplicate-free, errors as rows
+    assert 0 < report["features_errors"] < len(images)
 
 
 if __name__ == "__main__":

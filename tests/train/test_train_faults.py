@@ -106,29 +106,6 @@ def test_manifest_detects_truncation_corruption_and_a_missing_manifest(tmp_path:
     assert verify_checkpoint(tmp_path) == f"no {MANIFEST_FILE}"
 
 
-def test_stopped_run_resumes_past_a_damaged_latest_checkpoint_to_the_same_weights(feature_cache: str, straight,
-                                                                                 tmp_path: Path) -> None:
-    """Stopped after step 5 (checkpoints at 2, 4 and 5), the latest one damaged, then rerun: the rerun resumes from
-    the newest intact checkpoint (4, not 2: mid-epoch, so it skips the epoch's first batch) and ends where an
-    uninterrupted run ends."""
-    output = tmp_path / "run"
-    first = _align(feature_cache, output, "train.max_steps=5")  # stops after step 5, as if killed there
-    assert first.steps == 5 and first.rows == 60
-    older, latest = _checkpoints(output)[-2:]
-    assert '"step": 5' in (latest / STATE_FILE).read_text() and '"step": 4' in (older / STATE_FILE).read_text()
-    weights = latest / MODEL_FILE
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
-    resumed = _align(feature_cache, output)
-    assert resumed.steps == STEPS
-    history = _history(output)
-    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
-    assert [(r["step"], r["resumed_from"]) for r in history if "resumed_from" in r] == [(5, 4)]
-    logs = _worker_logs()
-    assert f"checkpoint {latest} is damaged: {MODEL_FILE}" in logs, "the warning names the damaged checkpoint"
-    assert f"resuming from the older checkpoint {older}" in logs
-    _assert_same_weights(load_file(str(output / "model" / MODEL_FILE)), straight[1])
-
-
 def _train_worker_pids() -> set[int]:
     """Pids of this Ray node's Train worker processes (children of our raylet, not other sessions')."""
     import psutil
@@ -146,13 +123,21 @@ def _train_worker_pids() -> set[int]:
     return pids
 
 
-def test_killed_train_worker_resumes_from_the_latest_checkpoint(feature_cache: str, straight, tmp_path: Path) -> None:
-    """SIGKILL the Train worker once Ray Train has registered its first checkpoint; FailureConfig restarts it there.
+def test_killed_worker_then_a_stopped_run_resume_past_a_damaged_checkpoint_to_the_same_weights(
+    feature_cache: str, straight, tmp_path: Path
+) -> None:
+    """Two failures in one run's life, each recovered from a checkpoint, ending on the uninterrupted run's weights.
 
-    The history proves the kill landed mid-training: exactly one restart (a record with ``resumed_from`` k, 2 ≤ k <
-    6), and steps 1..6 each once (nothing missing or done twice). Tolerance: weights within rtol 1e-4 / atol 1e-5 of
-    the uninterrupted run, and the final loss within 1e-4 (ordered ingest, a seeded shuffle and seeded CPU maths
-    make the recovered run repeat the same steps).
+    1. The Train worker is SIGKILLed once Ray Train has registered its first checkpoint; FailureConfig restarts it
+       there. The run stops after step 5 (checkpoints at 2, 4 and 5), as if its driver had been killed. Its history
+       proves the kill landed mid-training: exactly one restart (``resumed_from`` k, 2 <= k < 5) and steps 1..5
+       each once.
+    2. The latest checkpoint (step 5) is damaged, and the run is started again: it resumes from the newest intact
+       checkpoint (4, not 2: mid-epoch, so it skips the epoch's first batch) and ends at step 6, with steps 1..6
+       each once.
+
+    Tolerance: weights within rtol 1e-4 / atol 1e-5 of the uninterrupted run, and the final loss within 1e-4
+    (ordered ingest, a seeded shuffle and seeded CPU maths make the recovered runs repeat the same steps).
     """
     output = tmp_path / "run"
     killed: list[int] = []
@@ -169,14 +154,28 @@ def test_killed_train_worker_resumes_from_the_latest_checkpoint(feature_cache: s
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = _align(feature_cache, output, "train.max_failures=1")
+    first = _align(feature_cache, output, "train.max_failures=1", "train.max_steps=5")
     watcher.join(timeout=5)
     assert killed, "the worker was killed"
+    assert first.steps == 5 and first.rows == 60
     history = _history(output)
-    assert [r["step"] for r in history] == list(range(1, STEPS + 1)), "each step once, none missing"
+    assert [r["step"] for r in history] == list(range(1, 6)), "each step once, none missing"
     restarts = [r["resumed_from"] for r in history if "resumed_from" in r]
-    assert len(restarts) == 1 and 2 <= restarts[0] < STEPS, f"one restart, mid-training: {restarts}"
+    assert len(restarts) == 1 and 2 <= restarts[0] < 5, f"one restart, mid-training: {restarts}"
+
+    older, latest = _checkpoints(output)[-2:]
+    assert '"step": 5' in (latest / STATE_FILE).read_text() and '"step": 4' in (older / STATE_FILE).read_text()
+    weights = latest / MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
+    resumed = _align(feature_cache, output)
+    assert resumed.steps == STEPS
+    history = _history(output)
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
+    assert [(r["step"], r["resumed_from"]) for r in history if "resumed_from" in r][-1] == (5, 4)
+    logs = _worker_logs()
+    assert f"checkpoint {latest} is damaged: {MODEL_FILE}" in logs, "the warning names the damaged checkpoint"
+    assert f"resuming from the older checkpoint {older}" in logs
     states = [(p / STATE_FILE).read_text() for p in _checkpoints(output)]
-    assert any(f'"step": {STEPS}' in s for s in states) and result.steps == STEPS
-    assert abs(result.metrics["loss"] - straight[0].metrics["loss"]) <= 1e-4
+    assert any(f'"step": {STEPS}' in s for s in states)
+    assert abs(resumed.metrics["loss"] - straight[0].metrics["loss"]) <= 1e-4
     _assert_same_weights(load_file(str(output / "model" / MODEL_FILE)), straight[1])
