@@ -80,16 +80,22 @@ def test_features_equal_direct_model_forward(ray_session, images: Path, tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_rerun_computes_nothing_and_added_images_compute_only_themselves(
+def test_partial_run_full_run_rerun_and_added_images_compute_only_what_is_missing(
     ray_session, images: Path, tmp_path: Path
 ) -> None:
+    """A partial run (20 of 64), a kill's leftover temp file, the full run (the other 44), a rerun (nothing), then 3
+    added files (one a copy of known content: reused, not computed); another CLIP into the same output is refused."""
     out = str(tmp_path / "features")
+    partial = run_features(_cfg([str(images)], out, "max_images=20"))
+    assert partial.new_rows == 20
+    (Path(out) / "part-killed.parquet.tmp-0123abcd").write_bytes(b"half a shard")  # what a kill mid-write leaves
     first = run_features(_cfg([str(images)], out))
+    assert first.already_cached == 20 and first.new_rows == 44 and len(_table(out)) == first.inputs == 64
     shards = sorted(p.name for p in Path(out).glob("part-*.parquet"))
     again = run_features(_cfg([str(images)], out))
     assert again.new_rows == 0 and again.computed == 0 and again.already_cached == first.inputs
     assert sorted(p.name for p in Path(out).glob("part-*.parquet")) == shards
-    assert len(list((Path(out) / "_runs").iterdir())) == 1
+    assert len(list((Path(out) / "_runs").iterdir())) == 2  # a run that computes nothing writes no summary
 
     good = sorted(p for p in images.iterdir() if decode_image(p.read_bytes()).ok)
     shutil.copy(good[0], images / "copy-of-first.jpg")  # known content at a new URI: reused
@@ -102,6 +108,8 @@ def test_rerun_computes_nothing_and_added_images_compute_only_themselves(
     assert len(uris) == len(set(uris)) == first.inputs + 3
     by_uri = dict(zip(uris, table.column("feature").to_pylist(), strict=True))
     assert by_uri[str(images / "copy-of-first.jpg")] == by_uri[str(good[0])]
+    with pytest.raises(ConfigError, match=r"holds results of cskd-tiny-vit .*choose another output"):
+        plan_features(_cfg([str(images)], out, "clip.seed=1"))
 
 
 def _save_new_image(path: Path, seed: int) -> None:
@@ -191,23 +199,6 @@ def test_duplicate_content_is_computed_once_even_when_read_tasks_die_after_claim
         assert features[str(images / f"dup-{i}")] == features[str(good[i])] is not None
     digests = table.filter(table.column("error").is_null()).column("sha256").to_pylist()
     assert len(digests) == 63 and len(set(digests)) == 60
-
-
-def test_partial_run_then_full_run_and_leftover_temp_files(ray_session, images: Path, tmp_path: Path) -> None:
-    out = tmp_path / "features"
-    partial = run_features(_cfg([str(images)], str(out), "max_images=20"))
-    assert partial.new_rows == 20
-    (out / "part-killed.parquet.tmp-0123abcd").write_bytes(b"half a shard")  # what a kill mid-write leaves
-    full = run_features(_cfg([str(images)], str(out)))
-    assert full.already_cached == 20 and full.new_rows == 44
-    assert len(_table(str(out))) == 64
-
-
-def test_other_model_into_same_output_is_refused(ray_session, images: Path, tmp_path: Path) -> None:
-    out = str(tmp_path / "features")
-    run_features(_cfg([str(images)], out, "max_images=4"))
-    with pytest.raises(ConfigError, match=r"holds results of cskd-tiny-vit .*choose another output"):
-        plan_features(_cfg([str(images)], out, "clip.seed=1"))
 
 
 @pytest.mark.s3
