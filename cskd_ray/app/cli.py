@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from cskd_ray.app import cli_help, commands
 from cskd_ray.app.config_docs import CONFIGS
+from cskd_ray.app.runtime import configure_console
 from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cskd-ray", description=cli_help.DESCRIPTION, epilog=cli_help.EPILOG,
                                      formatter_class=cli_help.HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Ray Train's and open_clip's own log lines and the workers' output")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=None, help="features config (default jobs/configs/demo/features-proxy.yaml)")
     demo.add_argument("--clip", default=None, metavar="NAME:PRETRAINED",
                       help="real CLIP instead of the demo's proxy, e.g. ViT-B-32:openai (needs the weights)")
-    demo.add_argument("--verbose", action="store_true", help="show Ray's and open_clip's own log lines")
+    demo.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,  # also `cskd-ray --verbose demo`
+                      help="show Ray's and open_clip's own log lines")
 
     data = _command(sub, "make-demo-data")
     data.add_argument("--output", required=True)
@@ -177,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_console(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as exc:

@@ -18,7 +18,8 @@ examples:
   cskd-ray predict runs/demo/student/model photo.jpg
 
 Every stage takes a YAML config plus --set KEY=VALUE overrides. A bad config, argument or path exits
-with status 2 and one 'error:' line (--debug shows the traceback). Shell completion is not built in:
+with status 2 and one 'error:' line (--debug shows the traceback). Commands print their own progress
+lines; Ray's and open_clip's log lines and the workers' output show with --verbose. Shell completion is not built in:
 with the argcomplete package installed, run  eval "$(register-python-argcomplete cskd-ray)"  to get it."""
 
 # name: (one line, examples). The line is the subcommand's entry in `cskd-ray --help` and its description.

@@ -184,18 +184,6 @@ ARM_NAMES = {"teacher": "teacher", "cskd": "student, CSKD", "pseudo_only": "stud
 TEACHERS = ("teacher", "hou_teacher")
 
 
-def quiet_logs() -> None:
-    """Only errors from Ray, Ray Data, open_clip and Ray's C++ core; no deprecation warnings."""
-    import warnings
-
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's stderr lines
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*deprecated.*")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "open_clip", "root", "cskd_ray.models.registry"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-
-
 def run_demo(workdir: str = "runs/demo", num_images: int | None = None, features_config: str | None = None,
              *, clip: str | None = None, verbose: bool = False, plan: DemoPlan | None = None) -> dict:
     """Runs the demo under ``workdir``; prints one line per stage, the final table and the report path.
@@ -210,7 +198,7 @@ def run_demo(workdir: str = "runs/demo", num_images: int | None = None, features
     """
     from cskd_ray.app.demo_eval import evaluate_on_test
     from cskd_ray.app.report import write_report
-    from cskd_ray.app.runtime import init_ray
+    from cskd_ray.app.runtime import init_ray, quiet_logs
 
     plan = plan or DemoPlan()
     if num_images is not None:
@@ -225,9 +213,8 @@ def run_demo(workdir: str = "runs/demo", num_images: int | None = None, features
     say = print
     if not verbose:
         quiet_logs()
+        logging.getLogger("cskd_ray.models.registry").setLevel(logging.ERROR)  # the demo says it uses a proxy
     init_ray(quiet=not verbose)
-    if not verbose:
-        quiet_logs()  # Ray Data configures its own loggers when Ray starts
     say(f"demo: Ray started in {time.perf_counter() - start:.1f} s (one session for every stage)")
     if not plan.clip:
         say("demo: CLIP here is a PROXY (cskd-proxy-rn): a tiny tower pre-trained on the demo generator's latent "

@@ -1,6 +1,12 @@
-"""Starting or joining Ray, for the CLI and the job entry points (the library never does this itself).
+"""Starting or joining Ray, and the console's verbosity, for the CLI and the job entry points.
+
+The library never does either itself.
 
 A local Ray declares the Tune trial drivers' resource (:data:`cskd_ray.train.placement.TRIAL_DRIVER_RESOURCE`).
+
+The console is quiet by default: each stage prints its own progress and summary lines, our warnings show, and
+Ray's, Ray Data's, Ray Train's and open_clip's INFO lines and the workers' forwarded output do not (``--verbose``
+shows them). Worker failures still reach the driver as exceptions with the worker's traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +23,36 @@ logger = logging.getLogger(__name__)
 # and waits a few intervals per run (start, each state change, end): 0.25 s took a 2-step run on 2 cores from
 # 23-25 s to 19 s. No preemption watcher: a local machine is not a spot instance. A user's own value wins.
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+THIRD_PARTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "open_clip", "timm", "root")
+_console = {"quiet": False}  # set by configure_console (the CLI); a library user's own logging is left alone
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def quiet_logs() -> None:
+    """Only errors from Ray, Ray Data, Ray Train, Tune, open_clip (it logs to the root logger) and Ray's C++ core.
+
+    No deprecation warnings either. Our own loggers (``cskd_ray.*``) keep their warnings.
+    """
+    import warnings
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's stderr lines
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("cskd_ray").setLevel(logging.WARNING)
+
+
+def configure_console(verbose: bool) -> None:
+    """Log format and levels of a command: quiet (see the module docstring) unless ``verbose``."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _console["quiet"] = not verbose
+    if not verbose:
+        quiet_logs()
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
 
     A local Ray binds to 127.0.0.1 only, starts no dashboard, and ignores a stale
@@ -27,16 +60,19 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
 
     Args:
         num_cpus: Logical CPUs of a local Ray (default: the machine's cores).
-        quiet: Do not forward workers' output (Ray Train / open_clip INFO lines) to the driver (the demo's
-            default; its stages print one line each).
+        quiet: Do not forward workers' output (Ray Train / open_clip INFO lines) to the driver, and keep Ray's
+            own loggers at ERROR. ``None``: as :func:`configure_console` set it (quiet for the CLI unless
+            ``--verbose``; verbose when it was never called).
     """
     import ray
 
     if ray.is_initialized():
         return
+    quiet = _console["quiet"] if quiet is None else quiet
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=not quiet, logging_level=logging.ERROR if quiet else logging.INFO)
+        _after_start(quiet)
         return
     for key, value in LOCAL_RAY_ENV.items():  # inherited by the local Ray's processes (the Train controller)
         os.environ.setdefault(key, value)
@@ -50,6 +86,12 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         log_to_driver=not quiet,
         logging_level=logging.ERROR if quiet else logging.WARNING,
     )
+    _after_start(quiet)
+
+
+def _after_start(quiet: bool) -> None:
+    if quiet:
+        quiet_logs()  # Ray Data configures its own loggers when Ray starts
     try:
         from ray.data import DataContext
 
