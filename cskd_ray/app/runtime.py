@@ -90,8 +90,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
 
 
 def _after_start(quiet: bool) -> None:
-    if quiet:
-        quiet_logs()  # Ray Data configures its own loggers when Ray starts
     try:
         from ray.data import DataContext
 
@@ -99,3 +97,5 @@ def _after_start(quiet: bool) -> None:
         DataContext.get_current().enable_progress_bars = sys.stderr.isatty() and not quiet
     except ImportError:  # pragma: no cover - ray[data] is a dependency
         pass
+    if quiet:
+        quiet_logs()  # after Ray and Ray Data have configured their own loggers

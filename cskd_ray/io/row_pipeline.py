@@ -93,6 +93,7 @@ class ShardWriter:
         self.table, self.stage, self.shard_rows, self.total = table, stage, shard_rows, total
         self.progress, self.buffer = progress, []
         self.rows = self.errors = self.read_errors = 0
+        self.reported = -1  # rows at the last progress line
         self.start = self.last_report = time.perf_counter()
 
     def add(self, rows: pa.Table) -> None:
@@ -116,8 +117,10 @@ class ShardWriter:
             self.buffer = []
 
     def report(self) -> None:
-        """Print one progress line."""
-        self.last_report = time.perf_counter()
+        """Print one progress line (none when no row was added since the last one)."""
+        if self.reported == self.rows:
+            return
+        self.last_report, self.reported = time.perf_counter(), self.rows
         rate = self.rows / max(self.last_report - self.start, 1e-9)
         self.progress(f"{self.stage}: {self.rows}/{self.total} rows ({100 * self.rows / max(self.total, 1):.1f}%), "
                       f"{rate:.1f} img/s, {self.errors} errors")

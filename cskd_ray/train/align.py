@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,7 +120,8 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps).
     """
     cache = FeatureCache(cache_uri)
-    if cache.read_meta() is None or not cache.shards():
+    meta = cache.read_meta()
+    if meta is None or not cache.shards():
         raise ConfigError(f"input {cache_uri}: not a feature cache (no _meta.json or shards); run `features` first")
     rows = cache.read(["error"]).column("error").null_count
     if rows == 0:
@@ -128,8 +130,16 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     ds = parquet_dataset([storage.resolve(s)[1] for s in cache.shards()], fs, ["uri", column, "error"])
     ds = ds.map_batches(as_large_lists, batch_size=None, batch_format="pyarrow")  # one type across shard versions
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column})
+                        fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column,
+                                   "width": _target_width(meta, column)})
     return ds, rows
+
+
+def _target_width(meta: dict, column: str) -> int | None:
+    """Values per row of the cache's ``feature`` (its dim) or ``tokens`` (grid cells × token dim) column."""
+    if column == "tokens" and meta.get("token_grid") and meta.get("token_dim"):
+        return int(np.prod(meta["token_grid"])) * int(meta["token_dim"])
+    return int(meta["dim"]) if column == "feature" and meta.get("dim") else None
 
 
 def load_aligned(model_dir: str) -> tuple[EncoderWithProjection, PreprocessSpec, dict]:

@@ -40,15 +40,18 @@ def as_large_lists(block: pa.Table) -> pa.Table:
     return block.cast(with_large_lists(block.schema))
 
 
-def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature") -> dict[str, np.ndarray]:
-    """Align: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target``, ``valid``.
+def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str = "feature",
+                       width: int | None = None) -> dict[str, np.ndarray]:
+    """Align: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target`` (N, width), ``valid``.
 
-    A row whose image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every
-    worker sees exactly the number of rows the step count was planned for.
+    Rows without a feature (the cache's error rows) are dropped; a batch of only such rows gives N = 0 (with
+    ``width`` given, the target keeps its shape, so every block of the dataset has the same columns). A row whose
+    image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every worker sees exactly
+    the number of rows the step count was planned for.
     """
     batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
-    features = batch.column(column).combine_chunks()
-    target = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(batch), -1)
+    values = batch.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    target = values.reshape(len(batch), width or 0) if len(batch) == 0 else values.reshape(len(batch), width or -1)
     pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
     return {"pixels": pixels, "target": target, "valid": valid}
 

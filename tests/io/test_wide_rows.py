@@ -107,3 +107,14 @@ def test_shards_written_with_list_columns_are_read_as_large_lists(tmp_path: Path
     spec = PreprocessSpec(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     rows = decode_cached_rows(both, spec.to_dict(), max_pixels=1 << 20)
     np.testing.assert_array_equal(rows["target"], [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_a_block_of_only_error_rows_decodes_to_no_rows_of_the_targets_width() -> None:
+    """A cache block whose rows all failed (corrupt files written together) must not stop training: it gives no
+    rows, with the same columns and target width as every other block."""
+    spec = PreprocessSpec(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    errors = as_large_lists(pa.table({"uri": ["a", "b"], "sha256": [None, "1" * 64],
+                                      "feature": pa.nulls(2, pa.list_(pa.float16())),
+                                      "error": ["read error: gone", "not an image"]}))
+    rows = decode_cached_rows(errors, spec.to_dict(), max_pixels=1 << 20, width=2)
+    assert rows["pixels"].shape == (0, 8, 8, 3) and rows["target"].shape == (0, 2) and rows["valid"].shape == (0,)
