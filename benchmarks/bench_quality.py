@@ -34,9 +34,9 @@ import statistics
 import time
 from pathlib import Path
 
-from cskd_ray.app.demo import ARM_NAMES, DemoPlan, arm_folder, prepare, quiet_logs, train_arms
+from cskd_ray.app.demo import ARM_NAMES, DemoPlan, arm_folder, prepare, train_arms
 from cskd_ray.app.demo_eval import evaluate_on_test
-from cskd_ray.app.runtime import init_ray
+from cskd_ray.app.runtime import init_ray, quiet_logs
 
 ARMS = ("labels_only", "aligned_only", "pseudo_only", "cskd")
 OPTIONAL_ARMS = ("multi_teacher",)  # not run by default: Hou et al.'s combined teacher + its student

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=cli_help.HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's, Ray Train's and open_clip's own log lines and the workers' output")
+                        help="show Ray's, Ray Data's and open_clip's own INFO lines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 

@@ -19,8 +19,9 @@ examples:
 
 Every stage takes a YAML config plus --set KEY=VALUE overrides. A bad config, argument or path exits
 with status 2 and one 'error:' line (--debug shows the traceback). Commands print their own progress
-lines; Ray's and open_clip's log lines and the workers' output show with --verbose. Shell completion is not built in:
-with the argcomplete package installed, run  eval "$(register-python-argcomplete cskd-ray)"  to get it."""
+lines and the workers' output; Ray's and open_clip's own INFO lines show with --verbose. Shell completion
+is not built in: with the argcomplete package installed, run  eval "$(register-python-argcomplete cskd-ray)"
+to get it."""
 
 # name: (one line, examples). The line is the subcommand's entry in `cskd-ray --help` and its description.
 COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {

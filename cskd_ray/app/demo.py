@@ -215,6 +215,8 @@ def run_demo(workdir: str = "runs/demo", num_images: int | None = None, features
         quiet_logs()
         logging.getLogger("cskd_ray.models.registry").setLevel(logging.ERROR)  # the demo says it uses a proxy
     init_ray(quiet=not verbose)
+    if not verbose:
+        quiet_logs()  # Ray Data configures its own loggers when Ray starts
     say(f"demo: Ray started in {time.perf_counter() - start:.1f} s (one session for every stage)")
     if not plan.clip:
         say("demo: CLIP here is a PROXY (cskd-proxy-rn): a tiny tower pre-trained on the demo generator's latent "

@@ -4,9 +4,11 @@ The library never does either itself.
 
 A local Ray declares the Tune trial drivers' resource (:data:`cskd_ray.train.placement.TRIAL_DRIVER_RESOURCE`).
 
-The console is quiet by default: each stage prints its own progress and summary lines, our warnings show, and
-Ray's, Ray Data's, Ray Train's and open_clip's INFO lines and the workers' forwarded output do not (``--verbose``
-shows them). Worker failures still reach the driver as exceptions with the worker's traceback.
+The console is quiet by default: on the driver, Ray's, Ray Data's and open_clip's INFO lines (open_clip logs to
+the root logger) are hidden, while each stage's own progress and summary lines and our warnings show. The
+workers' output is still forwarded (Ray Train's step reports and checkpoints, our workers' warnings such as a
+damaged checkpoint), unless ``init_ray(quiet=True)`` (the demo, whose stages print one line each).
+``--verbose`` shows everything.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def configure_console(verbose: bool) -> None:
         quiet_logs()
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
 
     A local Ray binds to 127.0.0.1 only, starts no dashboard, and ignores a stale
@@ -60,18 +62,16 @@ def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
 
     Args:
         num_cpus: Logical CPUs of a local Ray (default: the machine's cores).
-        quiet: Do not forward workers' output (Ray Train / open_clip INFO lines) to the driver, and keep Ray's
-            own loggers at ERROR. ``None``: as :func:`configure_console` set it (quiet for the CLI unless
-            ``--verbose``; verbose when it was never called).
+        quiet: Do not forward workers' output (Ray Train / open_clip INFO lines) to the driver (the demo's
+            default; its stages print one line each).
     """
     import ray
 
     if ray.is_initialized():
         return
-    quiet = _console["quiet"] if quiet is None else quiet
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=not quiet, logging_level=logging.ERROR if quiet else logging.INFO)
+        ray.init(log_to_driver=not quiet)
         _after_start(quiet)
         return
     for key, value in LOCAL_RAY_ENV.items():  # inherited by the local Ray's processes (the Train controller)
@@ -97,5 +97,5 @@ def _after_start(quiet: bool) -> None:
         DataContext.get_current().enable_progress_bars = sys.stderr.isatty() and not quiet
     except ImportError:  # pragma: no cover - ray[data] is a dependency
         pass
-    if quiet:
-        quiet_logs()  # after Ray and Ray Data have configured their own loggers
+    if _console["quiet"]:
+        quiet_logs()  # again: Ray and Ray Data configure their own loggers when Ray starts

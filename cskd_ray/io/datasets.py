@@ -33,7 +33,7 @@ def parquet_dataset(paths: Sequence[str], filesystem: Any, columns: list[str]) -
     Read through Ray Data's V1 Parquet datasource. The V2 one (Ray 2.60's default) provisions a pool of 32
     ``FooterReader`` actors for every listing, even of files whose paths are given: on a 2-core machine each
     2-step align run started about 10 processes instead of 5 and took 21 s instead of 17-20 s. The V1 datasource
-    reads the footers on the driver (a few files) or in metadata tasks (many files).
+    starts a few sampling tasks (to estimate sizes), which reuse Ray's pooled task workers, and no actor.
     """
     import ray
     from ray.data import DataContext

@@ -11,11 +11,11 @@ by the AWS SDK: up to ``CSKD_S3_MAX_ATTEMPTS`` attempts (default 10) on throttli
 the backoff of the standard AWS variable ``AWS_RETRY_MODE``: ``standard`` (the default: the backoff with jitter
 AWS recommends under throttling, up to seconds between attempts) or ``legacy`` (the SDK's older 25 ms · 2^k: quick
 retries for a nearby store such as MinIO or a test server). The SDK's ``adaptive`` mode is not available in
-pyarrow and is refused. With a fault rate p per request, a call fails only when all attempts do: p^10 ≈ 1e-7 at p
-= 20%. Some failures happen after the SDK has accepted a response (a body cut mid-stream: ``INTERNAL_FAILURE ...
-Failed to flush response stream``) and are not retried by it; :func:`retry_io` repeats our whole operation on
-those (``CSKD_S3_OP_ATTEMPTS``, default 4, backoff 0.2 s · 2^k), the way Ray Data's ``retried_io_errors`` does for
-its own reads.
+pyarrow and runs as ``standard``. With a fault rate p per request, a call fails only when all attempts do: p^10 ≈
+1e-7 at p = 20%. Some failures happen after the SDK has accepted a response (a body cut mid-stream:
+``INTERNAL_FAILURE ... Failed to flush response stream``) and are not retried by it; :func:`retry_io` repeats our
+whole operation on those (``CSKD_S3_OP_ATTEMPTS``, default 4, backoff 0.2 s · 2^k), the way Ray Data's
+``retried_io_errors`` does for its own reads.
 
 Outputs are written atomically and at most once: :func:`write_bytes_once` writes to a temporary name
 and renames it into place on local disks, and relies on S3's all-or-nothing ``PutObject`` /
@@ -92,11 +92,24 @@ def s3_max_attempts() -> int:
 
 
 def s3_retry_mode() -> str:
-    """The SDK's retry backoff from ``AWS_RETRY_MODE`` (``standard`` when unset; see the module docstring)."""
+    """The SDK's retry backoff from ``AWS_RETRY_MODE`` (``standard`` when unset; see the module docstring).
+
+    ``adaptive`` (often set for boto3 and the AWS CLI) runs as ``standard``, with a warning; another value is an
+    error naming the choices.
+    """
     mode = os.environ.get("AWS_RETRY_MODE", "standard").strip().lower() or "standard"
+    if mode == "adaptive":
+        _warn_once("AWS_RETRY_MODE=adaptive is not available in pyarrow's S3 client; using standard")
+        return "standard"
     if mode not in S3_RETRY_MODES:
-        raise StorageError(f"AWS_RETRY_MODE={mode!r}: pyarrow's S3 client supports {sorted(S3_RETRY_MODES)}")
+        raise StorageError(f"AWS_RETRY_MODE={mode!r}: pyarrow's S3 client supports {sorted(S3_RETRY_MODES)} "
+                           "(and adaptive, run as standard)")
     return mode
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
@@ -108,7 +121,9 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     """
 
     def __init__(self, endpoint: str | None, region: str, max_attempts: int, retry_mode: str = "standard") -> None:
-        kwargs: dict = {"region": region, "retry_strategy": S3_RETRY_MODES[retry_mode](max_attempts=max_attempts)}
+        # pyarrow hands the legacy strategy its number as the SDK's *retries* (attempts = retries + 1)
+        tries = max_attempts if retry_mode == "standard" else max_attempts - 1
+        kwargs: dict = {"region": region, "retry_strategy": S3_RETRY_MODES[retry_mode](max_attempts=tries)}
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or parsed.path

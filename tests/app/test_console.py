@@ -38,7 +38,7 @@ def test_third_party_info_lines_show_only_with_verbose(mode: str) -> None:
                          "INFO cskd_ray.stages.align: resuming"]
 
 
-def test_verbose_is_a_flag_of_every_command() -> None:
+def test_verbose_is_a_global_flag_and_also_the_demos() -> None:
     parser = build_parser()
     assert parser.parse_args(["features", "c.yaml"]).verbose is False
     assert parser.parse_args(["--verbose", "align", "c.yaml"]).verbose is True
