@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser proxy-weights demo test test-fast lint bench clean
+.PHONY: help setup browser proxy-weights bytecode demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,16 @@ proxy-weights: $(STAMP) ## Build the demo's proxy CLIP once (~2 min; cached in ~
 demo: $(STAMP) proxy-weights ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo
 	$(VENV)/bin/cskd-ray demo --workdir runs/demo
 
-test: $(STAMP) browser proxy-weights ## Run the whole test suite, as CI does (CPU, local Ray, moto S3 on loopback)
+# Every test spawns hundreds of Ray worker processes that import cskd_ray. Where PYTHONDONTWRITEBYTECODE is set
+# (this CI image sets it), none of them writes __pycache__, so each recompiles the package: about 0.2 s per process.
+# compileall writes the bytecode once; Python ignores a file whose source changed since.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q cskd_ray tests
+
+test: $(STAMP) browser proxy-weights bytecode ## Run the whole test suite, as CI does (CPU, local Ray, moto S3 on loopback)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) proxy-weights ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
+test-fast: $(STAMP) proxy-weights bytecode ## The inner loop: every test not marked slow (no training runs, no multi-process fault tests)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP) ## Check style with ruff, and the package's floors (imports only downward) with import-linter
