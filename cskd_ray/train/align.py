@@ -15,9 +15,9 @@ maps (features with ``tokens: true``) on the same grid as the student's (a ViT).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,7 +138,7 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
 def _target_width(meta: dict, column: str) -> int | None:
     """Values per row of the cache's ``feature`` (its dim) or ``tokens`` (grid cells × token dim) column."""
     if column == "tokens" and meta.get("token_grid") and meta.get("token_dim"):
-        return int(np.prod(meta["token_grid"])) * int(meta["token_dim"])
+        return int(math.prod(meta["token_grid"])) * int(meta["token_dim"])
     return int(meta["dim"]) if column == "feature" and meta.get("dim") else None
 
 

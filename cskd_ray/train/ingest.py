@@ -51,7 +51,7 @@ def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str
     """
     batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
     values = batch.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    target = values.reshape(len(batch), width or 0) if len(batch) == 0 else values.reshape(len(batch), width or -1)
+    target = values.reshape(len(batch), width or (-1 if len(batch) else 0))
     pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
     return {"pixels": pixels, "target": target, "valid": valid}
 
