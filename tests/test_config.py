@@ -204,7 +204,7 @@ def test_unknown_key_in_a_source(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=rf"^{re.escape(str(path))}: unknown key 'input\.0\.wieght' in features config "
-        r"\(did you mean 'weight'\?\); valid keys: kind, max_images, suffixes, uri, "
+        r"\(did you mean 'weight'\?\); valid keys: image_column, kind, max_images, suffixes, uri, "
         r"weight$",
     ):
         load_config("features", path)
@@ -222,7 +222,7 @@ def test_bad_literal_names_choices() -> None:
 def test_bad_source_kind_names_choices() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"input\.0\.kind: Input should be 'auto', 'listing' or 'manifest' "
+        match=r"input\.0\.kind: Input should be 'auto', 'listing', 'manifest', 'webdataset' or 'image_parquet' "
         r"\(got 'dir'\)",
     ):
         load_config("features", DEMO, ["input=[{uri: a, kind: dir}]"])

@@ -41,8 +41,14 @@ class SourceConfig(StrictModel):
     weight: float = Field(1.0, gt=0, description="Relative share of this source when sources are mixed.")
     max_images: int | None = Field(None, ge=1, description="Cap on the images taken from this source.")
     suffixes: list[str] | None = Field(None, description="Keep only names with these endings, e.g. [.jpg].")
-    kind: Literal["auto", "listing", "manifest"] = Field(
-        "auto", description="auto: a .csv/.parquet/.txt file is a manifest, anything else is listed."
+    kind: Literal["auto", "listing", "manifest", "webdataset", "image_parquet"] = Field(
+        "auto", description="auto: a .tar file or glob is a WebDataset, a .parquet file with an image column (a "
+        "struct {bytes, path} or binary) holds images, other .csv/.parquet/.txt files are manifests, anything "
+        "else is listed. webdataset / image_parquet: every .tar / .parquet file under the URI (parts layout only)."
+    )
+    image_column: str | None = Field(
+        None, description="image_parquet: the column with the image bytes (default: the first struct with a "
+        "'bytes' field, else the first binary column)."
     )
 
 
@@ -101,7 +107,14 @@ def read_manifest(uri: str) -> list[str]:
 
 
 def list_source(source: SourceConfig) -> list[str]:
-    """All URIs of one source, in listing (or manifest) order, before caps."""
+    """All URIs of one source, in listing (or manifest) order, before caps.
+
+    Raises:
+        SourceError: The source is a container kind (read by the parts layout only), is missing or is empty.
+    """
+    if source.kind in ("webdataset", "image_parquet"):
+        raise SourceError(f"input {source.uri}: {source.kind} sources are read by the parts layout only "
+                          "(layout: parts, or auto)")
     if _is_manifest(source):
         uris = read_manifest(source.uri)
         if source.suffixes:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,8 @@ from cskd_ray._version import __version__
 from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
+from cskd_ray.io.part_pass import run_parts
+from cskd_ray.io.parts import is_container_source, plan_parts
 from cskd_ray.io.preflight import check_paths, check_sources
 from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
 from cskd_ray.io.sources import expand_sources
@@ -33,6 +36,21 @@ class LabelConfig(ImagePassConfig):
     """Phase 2b: the teacher scores the unlabeled images → pseudo-label table (Parquet)."""
 
     model: str = Field(description="Model folder written by teacher (or distill): output/model.")
+    layout: Literal["auto", "table", "parts"] = Field(
+        "auto", description="table: shards keyed by URI, content deduplicated across the whole output. parts: the "
+        "collection is planned into parts, each computed, written and committed off the driver (WebDataset tars, "
+        "Parquet with image bytes, id and pass-through columns). auto: parts when an input is a tar or Parquet "
+        "with images or id_column/columns are set, else table."
+    )
+    part_rows: int = Field(10_000, ge=1, description="parts layout: inputs per part (the unit of work and resume).")
+    id_column: str | None = Field(
+        None, description="parts layout: the inputs' column (of a manifest or Parquet file; 'key' for tars) copied "
+        "to every output row as 'id'."
+    )
+    columns: list[str] = Field(
+        default_factory=list, description="parts layout: more input columns copied to every output row (tars always "
+        "keep key, json and txt)."
+    )
 
 
 logger = logging.getLogger(__name__)
@@ -69,12 +87,16 @@ class ScoreActor:
             for j, i in enumerate(np.flatnonzero(ok)):
                 scores[i] = ok_scores[j]
                 dists[i] = ok_dists[j] if ok_dists is not None else None
-        return pa.table({"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
-                         "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
-                         "score": pa.array(scores, pa.float64()),
-                         "distribution": pa.array(dists, pa.list_(pa.float32())),
-                         "model": pa.array([self.scorer.model_id] * len(errors), pa.string()),
-                         "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
+        out = pa.table({"uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+                        "sha256": pa.array([str(d) or None for d in batch["sha256"]], pa.string()),
+                        "score": pa.array(scores, pa.float64()),
+                        "distribution": pa.array(dists, pa.list_(pa.float32())),
+                        "model": pa.array([self.scorer.model_id] * len(errors), pa.string()),
+                        "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
+        for name in ("part", "row", "rep"):  # the parts layout's row keys (cskd_ray.io.part_pass)
+            if name in batch:
+                out = out.append_column(name, pa.array(np.asarray(batch[name], dtype=np.int32)))
+        return out
 
 
 @dataclass
@@ -110,24 +132,54 @@ def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] 
     if is_hub_uri(cfg.model):  # one commit for every actor, also when run() is called without check()
         cfg.model = pin_revision(cfg.model)
     description = describe_scoring_model(cfg.model)  # fails fast before any image is read
-    uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
     preprocess = PreprocessSpec.from_dict(description["preprocess"])
     model_id = scoring_model_id(cfg.model, description)
     table = ResultTable(cfg.output, LABEL_SCHEMA)
-    table.ensure_meta({"model": model_id, "weights": model_id, "model_key": model_id, "head": description["head"],
-                       "preprocess": preprocess.to_dict(), "cskd_ray_version": __version__})
+    layout = resolve_layout(cfg)
+    meta = {"model": model_id, "weights": model_id, "model_key": model_id, "head": description["head"],
+            "preprocess": preprocess.to_dict(), "cskd_ray_version": __version__, "layout": layout}
+    check_layout(table, layout)
+    table.ensure_meta(meta)
+    actor_kwargs = {"model_dir": cfg.model, "precision": cfg.precision, "torch_threads": cfg.torch_threads,
+                    "actors": cfg.concurrency}
+    if layout == "parts":
+        plan = plan_parts(cfg.input, cfg.output, cfg.part_rows, cfg.max_images, cfg.id_column, cfg.columns,
+                          progress=progress)
+        done = run_parts(plan, cfg.output, LABEL_SCHEMA, preprocess, ScoreActor, actor_kwargs,
+                         PipelineOptions.from_config(cfg), stage, progress)
+        return LabelResult(cfg.output, done.rows, done.rows_done_before, done.new_rows, done.deduplicated,
+                           done.errors, time.perf_counter() - start, model_id)
+    uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
     done = table.read(["uri", "sha256"])
     done_uris = set(done.column("uri").to_pylist())
     pending = [u for u in uris if u not in done_uris]
     progress(f"{stage}: {len(uris)} inputs, {len(uris) - len(pending)} already scored, {len(pending)} to do")
     writer = ShardWriter(table, stage, cfg.shard_rows, len(pending), progress)
     known = sorted({d for d in done.column("sha256").to_pylist() if d})
-    actor_kwargs = {"model_dir": cfg.model, "precision": cfg.precision, "torch_threads": cfg.torch_threads,
-                    "actors": cfg.concurrency}
     reused = process_pending(pending, known, preprocess, ScoreActor, actor_kwargs,
                              PipelineOptions.from_config(cfg), writer)
     return LabelResult(cfg.output, len(uris), len(uris) - len(pending), writer.rows, reused, writer.errors,
                        time.perf_counter() - start, model_id)
+
+
+def resolve_layout(cfg: LabelConfig) -> str:
+    """``table`` or ``parts``: ``auto`` is parts when an input needs it (a container, ids or pass-through columns)."""
+    if cfg.layout != "auto":
+        if cfg.layout == "table" and (cfg.id_column or cfg.columns or any(is_container_source(s) for s in cfg.input)):
+            raise ConfigError("layout: table cannot read WebDataset tars or Parquet with image bytes, nor keep "
+                              "id_column/columns; use layout: parts (or auto)")
+        return cfg.layout
+    parts = bool(cfg.id_column or cfg.columns) or any(is_container_source(s) for s in cfg.input)
+    return "parts" if parts else "table"
+
+
+def check_layout(table: ResultTable, layout: str) -> None:
+    """Refuse to add one layout's rows to an output written in the other (readers would mix them)."""
+    meta = table.read_meta()
+    found = meta.get("layout", "table") if meta else layout
+    if found != layout:
+        raise ConfigError(f"output {table.uri} is written in the {found} layout, not {layout}; choose another "
+                          f"output or layout: {found}")
 
 
 def run(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -> LabelResult:

@@ -118,7 +118,8 @@ def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
 
 
 def _cli(
-    stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path: Path, head: RayHead
+    stage: str, many_images: Path, output: Path, model_dir: Path, tmp_path: Path, head: RayHead,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     args = [
         sys.executable,
@@ -131,7 +132,7 @@ def _cli(
         "--output",
         str(output),
     ]
-    for item in [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else [])]:
+    for item in [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else []), *extra]:
         args += ["--set", item]
     return subprocess.Popen(
         args,
@@ -169,3 +170,37 @@ def test_killed_driver_rerun_computes_only_the_missing_rows(
     if stage == "features":  # the run record says what was computed
         record = json.loads(next((output / "_runs").iterdir()).read_text())["result"]
         assert record["already_cached"] == done_before and record["new_rows"] == 162 - done_before
+
+
+def test_killed_driver_of_a_parts_pass_rerun_redoes_only_uncommitted_parts(
+    ray_head: RayHead, many_images: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """The parts layout (a WebDataset tar of the same images): SIGKILL the driver once two parts are committed; the
+    rerun trusts the committed parts only, and every tar member ends with exactly one row."""
+    from sample_collections import write_webdataset_tar
+
+    from cskd_ray.io.part_pass import committed_parts, read_marker
+
+    files = sorted(many_images.iterdir())
+    tar = write_webdataset_tar(tmp_path / "00000.tar", [(p.stem, ".jpg", p.read_bytes()) for p in files])
+    output = tmp_path / "labels"
+    extra = ("layout=parts", "part_rows=16")
+    first = _cli("label", tar, output, model_dir, tmp_path, ray_head, extra)
+    deadline = time.monotonic() + 240
+    while (len(committed_parts(str(output))) < 2 if output.exists() else True) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL, "the job was still running when killed"
+    committed = committed_parts(str(output))
+    done_before = sum(read_marker(str(output), p)["rows"] for p in committed)
+    assert 2 <= len(committed) < 11 and 0 < done_before < 162
+    second = _cli("label", tar, output, model_dir, tmp_path, ray_head, extra)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    uris = _table("label", output).column("uri").to_pylist()
+    assert sorted(uris) == sorted(f"{tar}#{p.stem}.jpg" for p in files), "every member exactly once"
+    summary = next(line for line in out.splitlines() if line.startswith("label: 162 images"))
+    assert f"{done_before} already" in summary and f"{162 - done_before} new rows" in summary, summary
+    assert sorted(committed_parts(str(output))) == list(range(11))

@@ -1,0 +1,299 @@
+"""The image pass of the parts layout: every part read, computed, written and committed off the driver.
+
+Per pending part (one with no commit marker), all in Ray tasks and actors:
+
+1. a read task reads the part's rows from the plan (:func:`cskd_ray.io.parts.read_part`), reads their bytes
+   (threaded GETs for files and URLs, coalesced ranged reads inside tars, row-group reads of Parquet image
+   columns), hashes them, and decodes and resizes each content once: a row whose content appeared earlier in
+   the part is *deferred* to that first row (``rep``);
+2. the stage's model actors (``ScoreActor``) compute the rows and carry ``part``, ``row`` and ``rep`` through;
+3. a writer task writes each block's rows of each part to ``OUTPUT/_attempts/part-<p>/<uuid>.parquet`` and
+   returns only ``(part, file, rows)``;
+4. when the driver has been told of all rows of a part, a commit task joins the part's rows to its plan rows
+   (the id and pass-through columns), fills deferred rows from their ``rep``, writes ``OUTPUT/part-<p>.parquet``
+   (a deterministic name, overwritten by a redo) and then the marker ``OUTPUT/_commits/part-<p>.json`` (rows,
+   errors, file size and sha256), and deletes the attempt's files.
+
+The driver holds part ids, per-part file lists of the parts in flight and counters: nothing per row. Readers
+(:class:`cskd_ray.io.feature_cache.ResultTable`) list ``part-*.parquet``; a part file exists only complete (written
+atomically), and a rerun redoes exactly the parts without a marker. Files of an attempt that died are never
+read (the commit reads only the files the driver was told of) and are left under ``_attempts``.
+
+Not done here (the table layout does it): identical content in *different* parts, or already in the output, is
+computed again; each part is computed once per run, and each content once per part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cskd_ray.io import storage
+from cskd_ray.io.containers import read_parquet_images, read_ranges
+from cskd_ray.io.decode import decode_image
+from cskd_ray.io.fetch import read_many
+from cskd_ray.io.parts import PartsPlan, read_part
+from cskd_ray.io.transforms import PreprocessSpec, resize_crop
+
+COMMITS = "_commits"
+ATTEMPTS = "_attempts"
+CARRIED = ("part", "row", "rep")  # columns the model actors pass through
+
+
+def part_file(output: str, part: int) -> str:
+    """The committed table file of a part."""
+    return storage.join(output, f"part-{part:06d}.parquet")
+
+
+def marker_uri(output: str, part: int) -> str:
+    """The commit marker of a part."""
+    return storage.join(output, COMMITS, f"part-{part:06d}.json")
+
+
+def committed_parts(output: str) -> set[int]:
+    """The parts of ``output`` that have a commit marker (one listing; the markers themselves are not read)."""
+    folder = storage.join(output, COMMITS)
+    if not storage.exists(folder):
+        return set()
+    names = (entry.uri.rsplit("/", 1)[-1] for entry in storage.list_files(folder, (".json",)))
+    return {int(name[len("part-"):-len(".json")]) for name in names if name.startswith("part-")}
+
+
+def read_marker(output: str, part: int) -> dict:
+    """One part's commit marker: ``part, rows, errors, deduplicated, file, bytes, sha256``."""
+    return json.loads(storage.read_text(marker_uri(output, part)))
+
+
+def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int) -> list[bytes | Exception]:
+    """The bytes of each row of a part (or the exception that stopped its read), in row order."""
+    uris = rows.column("uri").to_pylist()
+    containers = rows.column("container").to_pylist()
+    out: list[bytes | Exception] = [b""] * len(uris)
+    plain = [i for i, c in enumerate(containers) if c is None]
+    for i, data in zip(plain, read_many([uris[i] for i in plain], threads, storage.read_bytes), strict=True):
+        out[i] = data
+    by_unit: dict[int, list[int]] = {}
+    for i, (unit, container) in enumerate(zip(rows.column("unit").to_pylist(), containers, strict=True)):
+        if container is not None:
+            by_unit.setdefault(unit, []).append(i)
+    offsets, sizes = rows.column("offset").to_pylist(), rows.column("size").to_pylist()
+    for unit, members in by_unit.items():
+        entry = plan.units[unit]
+        try:
+            if entry["kind"] == "tar":
+                found: list = read_ranges(entry["uri"], [(offsets[i], sizes[i]) for i in members])
+            else:
+                found = read_parquet_images(entry["uri"], entry["image_column"], [offsets[i] for i in members])
+        except Exception as exc:  # noqa: BLE001 - a container that cannot be read gives error rows, not a crash
+            found = [exc] * len(members)
+        for i, data in zip(members, found, strict=True):
+            out[i] = ValueError("no image bytes (null)") if data is None else data
+    return out
+
+
+def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict, max_pixels: int, read_threads: int,
+                      chunk_rows: int) -> Iterator[dict]:
+    """Ray Data task: for each part id of the batch, yield its rows in chunks of ``chunk_rows``, read and decoded.
+
+    Yields columns ``part``, ``row``, ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8,
+    ``error`` (``""`` when fine), ``deferred`` and ``rep`` (the row computing this content). No input raises.
+    """
+    preprocess = PreprocessSpec.from_dict(spec)
+    size = preprocess.image_size
+    for part in batch["part"]:
+        rows = read_part(plan, int(part))
+        first_row: dict[str, int] = {}
+        for lo in range(0, len(rows), chunk_rows):
+            chunk = rows.slice(lo, chunk_rows)
+            n = len(chunk)
+            digests, errors = [""] * n, [""] * n
+            rep = np.arange(lo, lo + n, dtype=np.int32)
+            pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+            for i, data in enumerate(read_inputs(chunk, plan, read_threads)):
+                if isinstance(data, Exception):
+                    errors[i] = f"read error: {data}"
+                    continue
+                digests[i] = hashlib.sha256(data).hexdigest()
+                rep[i] = first_row.setdefault(digests[i], lo + i)
+                if rep[i] != lo + i:
+                    continue
+                decoded = decode_image(data, max_pixels, draft_size=size)
+                if decoded.ok:
+                    pixels[i] = resize_crop(decoded.image, preprocess)
+                errors[i] = decoded.error or ""
+            yield {"part": np.full(n, int(part), dtype=np.int32), "row": np.arange(lo, lo + n, dtype=np.int32),
+                   "uri": np.array(chunk.column("uri").to_pylist(), dtype=str),
+                   "sha256": np.array(digests, dtype=str), "pixels": pixels, "error": np.array(errors, dtype=str),
+                   "deferred": rep != np.arange(lo, lo + n), "rep": rep}
+
+
+def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
+    """Ray Data task: write the block's rows of each part under ``_attempts``; return ``part, file, rows``."""
+    parts, files, counts = [], [], []
+    for part in pc.unique(batch.column("part")).to_pylist():
+        rows = batch.filter(pc.equal(batch.column("part"), part))
+        sink = io.BytesIO()
+        pq.write_table(rows, sink, compression="zstd")
+        uri = storage.join(output, ATTEMPTS, f"part-{part:06d}", f"{uuid.uuid4().hex}.parquet")
+        storage.write_bytes_once(uri, sink.getvalue())
+        parts.append(part)
+        files.append(uri)
+        counts.append(len(rows))
+    return pa.table({"part": pa.array(parts, pa.int32()), "file": pa.array(files, pa.string()),
+                     "rows": pa.array(counts, pa.int64())})
+
+
+def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], result_schema: pa.Schema) -> dict:
+    """Ray task: assemble the part's table from its chunk files and plan rows, write it, then its marker.
+
+    Raises:
+        RuntimeError: The chunks do not hold each row of the part exactly once (nothing is committed).
+    """
+    chunks = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in files])
+    chunks = chunks.sort_by("row")
+    expected = plan.part_rows(part)
+    if chunks.column("row").to_pylist() != list(range(expected)):
+        raise RuntimeError(f"part {part}: the attempt's files hold {len(chunks)} rows, not rows 0..{expected - 1} "
+                           "once each; nothing committed (a rerun redoes the part)")
+    source = pc.if_else(chunks.column("deferred"), chunks.column("rep"), chunks.column("row"))
+    results = chunks.take(source.cast(pa.int64()))
+    planned = read_part(plan, part)
+    columns = {"uri": planned.column("uri")}
+    for f in result_schema:
+        if f.name != "uri":
+            columns[f.name] = results.column(f.name).cast(f.type)
+    columns["part"], columns["row"] = planned.column("part"), planned.column("row")
+    for f in plan.schema:
+        columns[f.name] = planned.column(f.name)
+    table = pa.table(columns)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(len(table), 8192)))
+    data = sink.getvalue()
+    storage.write_bytes_once(part_file(output, part), data, overwrite=True)
+    marker = {"part": part, "rows": len(table), "errors": len(table) - table.column("error").null_count,
+              "deduplicated": int(pc.sum(chunks.column("deferred")).as_py() or 0),
+              "file": part_file(output, part).rsplit("/", 1)[-1], "bytes": len(data),
+              "sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_text_once(marker_uri(output, part), json.dumps(marker), overwrite=True)
+    for f in files:
+        fs, path = storage.resolve(f)
+        try:
+            fs.delete_file(path)
+        except OSError:
+            pass  # a leftover attempt file is never read
+    return marker
+
+
+@dataclass
+class PartsRunResult:
+    """What a parts pass did."""
+
+    parts: int
+    parts_done_before: int
+    parts_run: int
+    rows: int
+    rows_done_before: int
+    new_rows: int
+    deduplicated: int
+    errors: int
+
+
+class _Progress:
+    """One line at most every 5 s: rows and parts done, rate, errors."""
+
+    def __init__(self, stage: str, total_rows: int, total_parts: int, progress: Callable[[str], None]) -> None:
+        self.stage, self.total_rows, self.total_parts, self.progress = stage, total_rows, total_parts, progress
+        self.rows = self.parts = self.errors = 0
+        self.start = self.last = time.perf_counter()
+        self.reported = (-1, -1)
+
+    def report(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.reported == (self.rows, self.parts) or (not force and now - self.last < 5):
+            return
+        self.last, self.reported = now, (self.rows, self.parts)
+        rate = self.rows / max(now - self.start, 1e-9)
+        self.progress(f"{self.stage}: {self.rows}/{self.total_rows} rows, {self.parts}/{self.total_parts} parts "
+                      f"committed, {rate:.1f} img/s, {self.errors} errors")
+
+
+def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess: PreprocessSpec, actor_cls: type,
+              actor_kwargs: dict, options: Any, stage: str, progress: Callable[[str], None]) -> PartsRunResult:
+    """Compute and commit every part of ``plan`` that ``output`` has no marker for. Ray must be initialised.
+
+    ``options`` is a :class:`cskd_ray.io.row_pipeline.PipelineOptions`.
+
+    Raises:
+        RuntimeError: A part could not be committed (its error says why; a rerun redoes it).
+    """
+    import ray
+
+    done = committed_parts(output)
+    pending = [p for p in range(len(plan.parts)) if p not in done]
+    rows_before = sum(plan.part_rows(p) for p in done if p < len(plan.parts))
+    total_new = sum(plan.part_rows(p) for p in pending)
+    progress(f"{stage}: {plan.rows} inputs in {len(plan.parts)} parts, {len(done)} parts committed, "
+             f"{len(pending)} to do ({total_new} rows)")
+    result = PartsRunResult(len(plan.parts), len(done), 0, plan.rows, rows_before, 0, 0, 0)
+    if not pending:
+        return result
+    gpus = options.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=min(len(pending), 1024))
+    ds = ds.map_batches(read_part_batches, batch_size=1, batch_format="numpy", num_cpus=options.decode_num_cpus,
+                        fn_kwargs={"plan": plan, "spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
+                                   "read_threads": options.read_threads, "chunk_rows": options.decode_batch_size})
+    ds = ds.map_batches(
+        actor_cls, batch_size=options.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=options.concurrency), num_cpus=options.num_cpus_per_actor,
+        num_gpus=gpus,
+    )
+    ds = ds.map_batches(write_part_chunks, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"output": output})
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=options.object_store_mb << 20)
+    commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_part)
+    files: dict[int, list[str]] = {}
+    seen: dict[int, int] = {}
+    in_flight: list = []
+    meter = _Progress(stage, total_new, len(pending), progress)
+
+    def collect(block: list) -> None:
+        for marker in ray.get(block):
+            meter.parts += 1
+            meter.errors += marker["errors"]
+            result.errors += marker["errors"]
+            result.deduplicated += marker["deduplicated"]
+            result.new_rows += marker["rows"]
+            result.parts_run += 1
+
+    for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for part, file, rows in zip(*(stats.column(c).to_pylist() for c in ("part", "file", "rows")), strict=True):
+            files.setdefault(part, []).append(file)
+            seen[part] = seen.get(part, 0) + rows
+            meter.rows += rows
+            if seen[part] == plan.part_rows(part):
+                in_flight.append(commit.remote(output, plan, part, files.pop(part), result_schema))
+                del seen[part]
+        finished, in_flight = ray.wait(in_flight, num_returns=len(in_flight), timeout=0) if in_flight else ([], [])
+        collect(finished)
+        meter.report()
+    collect(in_flight)
+    if seen:
+        raise RuntimeError(f"parts {sorted(seen)[:5]} got only some of their rows; nothing committed for them "
+                           "(a rerun redoes them)")
+    meter.report(force=True)
+    return result

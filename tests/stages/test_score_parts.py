@@ -1,0 +1,131 @@
+"""Scoring in the parts layout: WebDataset tars, Parquet with image bytes and URL lists, with the user's ids, and a
+rerun that redoes exactly the parts without a commit marker."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from sample_collections import image_bytes, write_image_parquet, write_webdataset_tar
+from test_score import write_model_folder
+
+from cskd_ray.app.commands import run_score_command
+from cskd_ray.config import ConfigError
+from cskd_ray.io import storage
+from cskd_ray.io.decode import decode_image
+from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
+from cskd_ray.io.part_pass import committed_parts, read_marker
+from cskd_ray.io.transforms import normalize_batch, resize_crop
+from cskd_ray.models.saved import load_scoring_model
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1: ``(folder, base URL)``."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _expected_scores(model_dir: Path, images: list[bytes]) -> np.ndarray:
+    scorer = load_scoring_model(str(model_dir))
+    pixels = np.stack([resize_crop(decode_image(b).image, scorer.preprocess) for b in images])
+    return scorer.predict(normalize_batch(pixels, scorer.preprocess))[0].numpy()
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by([("part", "ascending"), ("row", "ascending")])
+
+
+@pytest.mark.ray
+def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_parts(
+        ray_session, s3_bucket: str, http_folder: tuple[Path, str], tmp_path: Path) -> None:
+    model_dir = write_model_folder(tmp_path / "model")
+    tar_images = [image_bytes(i) for i in range(10)]
+    tar_images[3] = tar_images[0]  # the same content twice in one part: computed once
+    tar_images[5] = b"\xff\xd8 not really a jpeg"
+    tar = write_webdataset_tar(tmp_path / "00000.tar", [(f"t{i}", ".jpg", b) for i, b in enumerate(tar_images)])
+    hf_images: list[bytes | None] = [image_bytes(20 + i) for i in range(6)]
+    hf_images[2] = None
+    hf = write_image_parquet(tmp_path / "train-00000.parquet", hf_images)
+    hf_uri = f"{s3_bucket}/hf/train-00000.parquet"
+    storage.write_bytes_once(hf_uri, hf.read_bytes())
+    www, base = http_folder
+    for i in range(3):
+        (www / f"u{i}.jpg").write_bytes(image_bytes(40 + i))
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,key,caption\n" + "".join(f"{base}/u{i}.jpg,u{i},url {i}\n" for i in range(3))
+                    + f"{base}/missing.jpg,u3,url 3\n")
+    out = str(tmp_path / "scores")
+    overrides = ["batch_size=8", "decode_batch_size=4", "part_rows=6", "id_column=key", "columns=[caption]"]
+    lines: list[str] = []
+    summary = run_score_command(str(model_dir), [str(tar), hf_uri, str(urls)], out, None, overrides,
+                                printer=lines.append)
+    assert summary["run"]["new_rows"] == 20 and summary["run"]["already_done"] == 0 and summary["run"]["reused"] == 1
+    first = _sorted(ResultTable(out, LABEL_SCHEMA).read())
+    assert first.column_names == [*LABEL_SCHEMA.names, "part", "row", "id", "key", "json", "txt", "caption"]
+    ids = [f"t{i}" for i in range(10)] + [f"hf-{i:03d}" for i in range(6)] + [f"u{i}" for i in range(4)]
+    assert first.column("id").to_pylist() == ids and len(set(first.column("uri").to_pylist())) == 20
+    assert first.column("caption").to_pylist()[10:] == [f"hf photo {i}" for i in range(6)] + [f"url {i}"
+                                                                                             for i in range(4)]
+    assert first.column("txt")[1].as_py() == "photo t1"
+    errors = dict(zip(first.column("id").to_pylist(), first.column("error").to_pylist(), strict=True))
+    assert errors["t5"].startswith(("not an image", "corrupt image", "truncated image"))
+    assert errors["hf-002"] == "read error: no image bytes (null)"
+    assert errors["u3"].startswith("read error:") and "404" in errors["u3"]
+    assert sum(e is not None for e in errors.values()) == 3
+    scores = dict(zip(first.column("id").to_pylist(), first.column("score").to_pylist(), strict=True))
+    np.testing.assert_allclose([scores["t1"], scores["hf-004"], scores["u2"]],
+                               _expected_scores(model_dir, [tar_images[1], hf_images[4], image_bytes(42)]), rtol=1e-4)
+    assert scores["t3"] == scores["t0"] and first.column("sha256")[3] == first.column("sha256")[0]
+    markers = [read_marker(out, p) for p in sorted(committed_parts(out))]
+    assert [m["part"] for m in markers] == [0, 1, 2, 3] and sum(m["rows"] for m in markers) == 20
+    assert sum(m["deduplicated"] for m in markers) == 1 and sum(m["errors"] for m in markers) == 3
+    assert not list(Path(out, "_attempts").rglob("*.parquet"))  # committed attempts are cleaned up
+
+    # A crash: part 1 lost its marker and file, part 2 its marker only (killed between the two); a dead
+    # attempt left a file behind. The rerun redoes exactly parts 1 and 2, and never reads the dead attempt.
+    Path(out, "_commits", "part-000001.json").unlink()
+    Path(out, "part-000001.parquet").unlink()
+    Path(out, "_commits", "part-000002.json").unlink()
+    dead = Path(out, "_attempts", "part-000001", "dead-attempt.parquet")
+    dead.parent.mkdir(parents=True, exist_ok=True)
+    dead.write_bytes(b"PAR1 half a file")
+    summary = run_score_command(str(model_dir), [str(tar), hf_uri, str(urls)], out, None, overrides,
+                                printer=lines.append)
+    assert summary["run"]["new_rows"] == 12 and summary["run"]["already_done"] == 8
+    again = _sorted(ResultTable(out, LABEL_SCHEMA).read())
+    assert again.drop(["score"]).equals(first.drop(["score"]))
+    np.testing.assert_allclose(again.column("score").to_numpy(zero_copy_only=False),
+                               first.column("score").to_numpy(zero_copy_only=False), rtol=1e-5)
+    assert sorted(committed_parts(out)) == [0, 1, 2, 3] and dead.exists()
+    summary = run_score_command(str(model_dir), [str(tar), hf_uri, str(urls)], out, None, overrides,
+                                printer=lines.append)
+    assert summary["run"]["new_rows"] == 0 and summary["table"]["rows"] == 20
+    assert any("4 parts, 4 parts committed, 0 to do" in line for line in lines), lines
+    print("\n".join(lines))
+
+    # layouts never mix in one output; the table layout cannot read containers
+    with pytest.raises(ConfigError, match="written in the parts layout"):
+        run_score_command(str(model_dir), [str(www)], out, None, ["layout=table"], printer=lines.append)
+    with pytest.raises(ConfigError, match="layout: table cannot read WebDataset"):
+        run_score_command(str(model_dir), [str(tar)], str(tmp_path / "t"), None, ["layout=table"],
+                          printer=lines.append)
+    assert pc.sum(pc.is_valid(again.column("score"))).as_py() == 17
