@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -157,11 +158,21 @@ def _open_parquet(uri: str) -> tuple[pq.ParquetFile, object]:
     return pq.ParquetFile(handle), handle
 
 
-def index_image_parquet(uri: str, image_column: str | None = None) -> tuple[pa.Table, str]:
-    """One row per row of a Parquet file with images, and the name of its image column.
+@dataclass(frozen=True)
+class ImageParquetIndex:
+    """What planning needs of a Parquet file with images: its rows, image column and other columns."""
 
-    Columns: ``member`` (the image's ``path`` or ``#<row>``), ``offset`` (the row index), ``size`` (0) and every
-    other column of the file.
+    rows: int
+    image_column: str
+    columns: dict[str, pa.ChunkedArray]  # the columns asked for that the file has (never the image column)
+    paths: list[str | None]  # the image struct's ``path`` per row (None where it has none)
+
+
+def index_image_parquet(uri: str, image_column: str | None = None,
+                        columns: Sequence[str] | None = None) -> ImageParquetIndex:
+    """Index a Parquet file with images: rows, the image column, and ``columns`` (default: all the others).
+
+    Only the columns asked for are read (and the image struct's ``path`` field), never the image bytes.
 
     Raises:
         ContainerError: Not a readable Parquet file, or no image column.
@@ -178,25 +189,25 @@ def index_image_parquet(uri: str, image_column: str | None = None) -> tuple[pa.T
             column = image_column_of(schema, image_column)
         except ContainerError as exc:
             raise ContainerError(f"{uri}: {exc}") from None
-        others = [n for n in schema.names if n != column]
+        wanted = [n for n in schema.names if n != column and (columns is None or n in columns)]
         rows = parquet.metadata.num_rows
-        table = parquet.read(columns=others) if others else pa.table({"_": pa.nulls(rows)}).drop(["_"])
-        names = [None] * rows
-        if pa.types.is_struct(schema.field(column).type) and schema.field(column).type.get_field_index("path") >= 0:
+        table = parquet.read(columns=wanted) if wanted else None
+        paths: list[str | None] = [None] * rows
+        kind = schema.field(column).type
+        if rows and pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
             nested = parquet.read(columns=[f"{column}.path"]).column(0)  # the struct, with its path field only
-            names = pc.struct_field(nested, "path").to_pylist() if rows else []
-    member = [name or f"#{i}" for i, name in enumerate(names)]
-    index = pa.table({"member": pa.array(member, pa.string()), "offset": pa.array(range(rows), pa.int64()),
-                      "size": pa.array([0] * rows, pa.int64())})
-    for name in table.column_names:
-        index = index.append_column(name, table.column(name))
-    return index, column
+            paths = pc.struct_field(nested, "path").to_pylist()
+    found = {name: table.column(name) for name in wanted} if table is not None else {}
+    return ImageParquetIndex(rows, column, found, paths)
 
 
-def read_parquet_images(uri: str, column: str, rows: Sequence[int]) -> list[bytes | None]:
+def read_parquet_images(uri: str, column: str, rows: Sequence[int],
+                        cache: dict | None = None) -> list[bytes | None]:
     """The image bytes of the given rows (row indices of the file), in the order given; None where null.
 
-    Only the row groups holding these rows are read, and only the image column.
+    Only the row groups holding these rows are read, and only the image column. With ``cache`` (a dict the caller
+    keeps between calls), the last row group read of each file is kept, so consecutive small batches of one
+    row group read it once.
 
     Raises:
         storage.StorageError: The file cannot be opened or read.
@@ -213,9 +224,16 @@ def read_parquet_images(uri: str, column: str, rows: Sequence[int]) -> list[byte
             groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
             values: dict[int, bytes | None] = {}
             for g in groups:
-                col = parquet.read_row_group(g, columns=[column]).column(0)
-                if pa.types.is_struct(col.type):
-                    col = pc.struct_field(col, "bytes")
+                key = (uri, column, g)
+                col = cache.get(key) if cache is not None else None
+                if col is None:
+                    col = parquet.read_row_group(g, columns=[column]).column(0)
+                    if pa.types.is_struct(col.type):
+                        col = pc.struct_field(col, "bytes")
+                    if cache is not None:
+                        for old in [k for k in cache if k[:2] == (uri, column)]:
+                            del cache[old]
+                        cache[key] = col
                 wanted = [r for r in rows if bounds[g] <= r < bounds[g + 1]]
                 for r in wanted:
                     values[r] = col[r - bounds[g]].as_py()

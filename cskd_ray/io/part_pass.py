@@ -75,8 +75,11 @@ def read_marker(output: str, part: int) -> dict:
     return json.loads(storage.read_text(marker_uri(output, part)))
 
 
-def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int) -> list[bytes | Exception]:
-    """The bytes of each row of a part (or the exception that stopped its read), in row order."""
+def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int, cache: dict | None = None) -> list[bytes | Exception]:
+    """The bytes of each row of a part (or the exception that stopped its read), in row order.
+
+    ``cache`` keeps the last Parquet row group read of each file between calls (consecutive chunks of one part).
+    """
     uris = rows.column("uri").to_pylist()
     containers = rows.column("container").to_pylist()
     out: list[bytes | Exception] = [b""] * len(uris)
@@ -94,7 +97,7 @@ def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int) -> list[bytes | E
             if entry["kind"] == "tar":
                 found: list = read_ranges(entry["uri"], [(offsets[i], sizes[i]) for i in members])
             else:
-                found = read_parquet_images(entry["uri"], entry["image_column"], [offsets[i] for i in members])
+                found = read_parquet_images(entry["uri"], entry["image_column"], [offsets[i] for i in members], cache)
         except Exception as exc:  # noqa: BLE001 - a container that cannot be read gives error rows, not a crash
             found = [exc] * len(members)
         for i, data in zip(members, found, strict=True):
@@ -114,13 +117,14 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
     for part in batch["part"]:
         rows = read_part(plan, int(part))
         first_row: dict[str, int] = {}
+        row_groups: dict = {}
         for lo in range(0, len(rows), chunk_rows):
             chunk = rows.slice(lo, chunk_rows)
             n = len(chunk)
             digests, errors = [""] * n, [""] * n
             rep = np.arange(lo, lo + n, dtype=np.int32)
             pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-            for i, data in enumerate(read_inputs(chunk, plan, read_threads)):
+            for i, data in enumerate(read_inputs(chunk, plan, read_threads, row_groups)):
                 if isinstance(data, Exception):
                     errors[i] = f"read error: {data}"
                     continue
@@ -160,8 +164,14 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     Raises:
         RuntimeError: The chunks do not hold each row of the part exactly once (nothing is committed).
     """
+    if storage.exists(marker_uri(output, part)):  # a retried commit whose first attempt got this far
+        return read_marker(output, part)
     chunks = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in files])
     chunks = chunks.sort_by("row")
+    if len(chunks) > 1:  # a row delivered twice (a retried task whose first output was kept): keep one copy
+        rows = chunks.column("row").to_numpy()
+        keep = np.concatenate([[True], rows[1:] != rows[:-1]])
+        chunks = chunks.filter(pa.array(keep))
     expected = plan.part_rows(part)
     if chunks.column("row").to_pylist() != list(range(expected)):
         raise RuntimeError(f"part {part}: the attempt's files hold {len(chunks)} rows, not rows 0..{expected - 1} "
@@ -181,18 +191,37 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(len(table), 8192)))
     data = sink.getvalue()
     storage.write_bytes_once(part_file(output, part), data, overwrite=True)
-    marker = {"part": part, "rows": len(table), "errors": len(table) - table.column("error").null_count,
+    marker = {"part": part, "plan": plan.digest, "rows": len(table),
+              "errors": len(table) - table.column("error").null_count,
               "deduplicated": int(pc.sum(chunks.column("deferred")).as_py() or 0),
               "file": part_file(output, part).rsplit("/", 1)[-1], "bytes": len(data),
               "sha256": hashlib.sha256(data).hexdigest()}
     storage.write_text_once(marker_uri(output, part), json.dumps(marker), overwrite=True)
-    for f in files:
-        fs, path = storage.resolve(f)
+    delete_quietly(files)
+    return marker
+
+
+def delete_quietly(uris: list[str]) -> None:
+    """Delete attempt files; one that cannot be deleted is left (it is never read)."""
+    for uri in uris:
+        fs, path = storage.resolve(uri)
         try:
             fs.delete_file(path)
         except OSError:
-            pass  # a leftover attempt file is never read
-    return marker
+            pass
+
+
+def dead_attempt_files(output: str, committed: set[int]) -> list[str]:
+    """Files under ``_attempts`` of parts already committed: left by attempts that died (never read)."""
+    folder = storage.join(output, ATTEMPTS)
+    if not committed or not storage.exists(folder):
+        return []
+    found = []
+    for entry in storage.list_files(folder, (".parquet",)):
+        name = entry.uri.rsplit("/", 2)[-2]  # part-<p>
+        if name.startswith("part-") and name[5:].isdigit() and int(name[5:]) in committed:
+            found.append(entry.uri)
+    return found
 
 
 @dataclass
@@ -240,6 +269,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     import ray
 
     done = committed_parts(output)
+    delete_quietly(dead_attempt_files(output, done))
     pending = [p for p in range(len(plan.parts)) if p not in done]
     rows_before = sum(plan.part_rows(p) for p in done if p < len(plan.parts))
     total_new = sum(plan.part_rows(p) for p in pending)
@@ -266,13 +296,21 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=options.object_store_mb << 20)
     commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_part)
+    plan_ref = ray.put(plan)  # shipped once, not with every commit
     files: dict[int, list[str]] = {}
     seen: dict[int, int] = {}
-    in_flight: list = []
+    in_flight: dict = {}  # commit ref -> part
+    failed: dict[int, str] = {}
     meter = _Progress(stage, total_new, len(pending), progress)
 
-    def collect(block: list) -> None:
-        for marker in ray.get(block):
+    def collect(refs: list) -> None:
+        for ref in refs:
+            part = in_flight.pop(ref)
+            try:
+                marker = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # one part failing does not stop the others
+                failed[part] = str(getattr(exc, "cause", None) or exc).splitlines()[0]
+                continue
             meter.parts += 1
             meter.errors += marker["errors"]
             result.errors += marker["errors"]
@@ -285,15 +323,17 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             files.setdefault(part, []).append(file)
             seen[part] = seen.get(part, 0) + rows
             meter.rows += rows
-            if seen[part] == plan.part_rows(part):
-                in_flight.append(commit.remote(output, plan, part, files.pop(part), result_schema))
+            if seen[part] >= plan.part_rows(part):  # more: a row delivered twice; the commit keeps one copy
+                in_flight[commit.remote(output, plan_ref, part, files.pop(part), result_schema)] = part
                 del seen[part]
-        finished, in_flight = ray.wait(in_flight, num_returns=len(in_flight), timeout=0) if in_flight else ([], [])
-        collect(finished)
+        if in_flight:
+            collect(ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)[0])
         meter.report()
-    collect(in_flight)
-    if seen:
-        raise RuntimeError(f"parts {sorted(seen)[:5]} got only some of their rows; nothing committed for them "
-                           "(a rerun redoes them)")
+    collect(list(in_flight))
     meter.report(force=True)
+    failed.update({part: "got only some of its rows" for part in seen})
+    if failed:
+        examples = "; ".join(f"part {p}: {why}" for p, why in sorted(failed.items())[:3])
+        raise RuntimeError(f"{len(failed)} of {len(pending)} parts were not committed ({examples}); the others are. "
+                           "A rerun redoes exactly the parts without a commit marker")
     return result

@@ -24,6 +24,7 @@ of loose files is one unit, listed by one task.
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import io
 import json
@@ -47,6 +48,21 @@ PLAN_FOLDER = "_parts"
 PLAN_FILE = "plan.json"
 TAR_COLUMNS = ("key", "json", "txt")  # kept from every WebDataset sample
 INDEX_COLUMNS = ("uri", "container", "offset", "size")
+# Names a pass-through column cannot take: the index's, the pass's and the result tables' own columns.
+RESERVED_COLUMNS = frozenset({*INDEX_COLUMNS, "unit", "part", "row", "rep", "deferred", "id", "sha256", "score",
+                              "distribution", "model", "error", "feature", "tokens", "pixels"})
+
+
+def check_columns(columns: Sequence[str]) -> None:
+    """Refuse pass-through columns named like a column the output already has (they would replace it).
+
+    Raises:
+        SourceError: Names the clashing columns.
+    """
+    clash = sorted(set(columns) & RESERVED_COLUMNS)
+    if clash:
+        raise SourceError(f"columns {clash}: these names are the output's own columns; reserved: "
+                          f"{sorted(RESERVED_COLUMNS)}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class Unit:
     uri: str
     source: int
     image_column: str | None = None
+    bytes: int | None = None  # of a container or manifest file, to tell a changed input from the planned one
 
 
 @dataclass
@@ -120,14 +137,18 @@ def source_kind(source: SourceConfig) -> str:
     lowered = source.uri.lower()
     if lowered.endswith(".tar"):
         return "webdataset"
-    if lowered.endswith((".parquet", ".pq")) and not any(c in source.uri for c in "*?["):
+    if lowered.endswith((".parquet", ".pq")):
+        is_glob = any(c in source.uri for c in "*?[")
         try:
-            fs, path = storage.resolve(source.uri)
+            first = next(iter(storage.list_files(source.uri))).uri if is_glob else source.uri
+            fs, path = storage.resolve(first)
             with fs.open_input_file(path) as handle:
                 names = pq.ParquetFile(handle).schema_arrow.names
-        except (OSError, pa.ArrowInvalid):
-            return "manifest"  # reading it as a manifest reports the error
-        return "manifest" if any(c in names for c in URI_COLUMNS) else "image_parquet"
+        except (OSError, StopIteration, pa.ArrowInvalid):
+            return "listing" if is_glob else "manifest"  # reading it as such reports the error
+        if any(c in names for c in URI_COLUMNS):
+            return "listing" if is_glob else "manifest"
+        return "image_parquet"
     if lowered.endswith((".csv", ".txt")) and not any(c in source.uri for c in "*?["):
         return "manifest"
     return "listing"
@@ -146,13 +167,19 @@ def units_of(sources: Sequence[SourceConfig]) -> list[Unit]:
         if kind in ("webdataset", "image_parquet"):
             suffix = (".tar",) if kind == "webdataset" else (".parquet", ".pq")
             try:
-                files = [e.uri for e in storage.list_files(source.uri, suffix)]
+                files = list(storage.list_files(source.uri, suffix))
             except storage.StorageError as exc:
                 raise SourceError(f"input {source.uri}: {exc}") from exc
             if not files:
                 raise SourceError(f"input {source.uri}: holds no {' or '.join(suffix)} files")
             unit_kind = "tar" if kind == "webdataset" else "image_parquet"
-            units += [Unit(unit_kind, f, i, source.image_column) for f in files]
+            units += [Unit(unit_kind, f.uri, i, source.image_column, f.size) for f in files]
+        elif kind == "manifest":
+            try:
+                size = next(iter(storage.list_files(source.uri))).size
+            except storage.StorageError as exc:
+                raise SourceError(f"manifest {source.uri}: {exc}") from exc
+            units.append(Unit(kind, source.uri, i, bytes=size))
         else:
             units.append(Unit(kind, source.uri, i))
     return units
@@ -169,8 +196,12 @@ def _manifest_table(uri: str) -> pa.Table:
         table = pa.table({"uri": [line for line in lines if line and not line.startswith("#")]})
     else:
         try:
-            table = (pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv")
-                     else pq.read_table(pa.BufferReader(data)))
+            if uri.lower().endswith(".csv"):  # every column as text: ids such as 000123 keep their zeros
+                header = next(csv.reader([data.split(b"\n", 1)[0].decode("utf-8", errors="replace")]), [])
+                convert = pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
+                table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+            else:
+                table = pq.read_table(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as exc:
             raise SourceError(f"manifest {uri}: not a readable table: {exc}") from exc
         column = next((c for c in URI_COLUMNS if c in table.column_names), None)
@@ -209,11 +240,13 @@ def index_unit(unit: Unit, source: SourceConfig, id_column: str | None,
                               "offset": found.column("offset"), "size": found.column("size")})
             extra = found.select(list(TAR_COLUMNS))
         elif unit.kind == "image_parquet":
-            found, image_column = index_image_parquet(unit.uri, unit.image_column)
-            table = pa.table({"uri": [f"{unit.uri}#{i}" for i in range(len(found))],
-                              "container": pa.array([unit.uri] * len(found), pa.string()),
-                              "offset": found.column("offset"), "size": found.column("size")})
-            extra = found.drop(["member", "offset", "size"])
+            wanted = [*([id_column] if id_column else []), *columns]
+            found = index_image_parquet(unit.uri, unit.image_column, wanted)
+            image_column, rows = found.image_column, found.rows
+            table = pa.table({"uri": [f"{unit.uri}#{i}" for i in range(rows)],
+                              "container": pa.array([unit.uri] * rows, pa.string()),
+                              "offset": pa.array(range(rows), pa.int64()), "size": pa.array([0] * rows, pa.int64())})
+            extra = pa.table(found.columns) if found.columns else pa.table({"_row": pa.array(range(rows))})
         elif unit.kind == "manifest":
             found = _manifest_table(unit.uri)
             table = pa.table({"uri": found.column("uri"), "container": pa.nulls(len(found), pa.string()),
@@ -252,7 +285,8 @@ def _write_unit_index(plan: str, number: int, unit: Unit, source: SourceConfig, 
     storage.write_bytes_once(storage.join(plan, name), sink.getvalue(), overwrite=True)
     extra = table.schema.remove(0).remove(0).remove(0).remove(0)
     return {"file": name, "rows": len(table), "kind": unit.kind, "uri": unit.uri, "source": unit.source,
-            "image_column": image_column, "schema": base64.b64encode(extra.serialize().to_pybytes()).decode()}
+            "bytes": unit.bytes, "image_column": image_column,
+            "schema": base64.b64encode(extra.serialize().to_pybytes()).decode()}
 
 
 def _map(function: Callable, items: list, parallel: int) -> list:
@@ -265,11 +299,16 @@ def _map(function: Callable, items: list, parallel: int) -> list:
     if use_ray:
         remote = ray.remote(num_cpus=0.5, max_retries=3)(function)
         results, pending = [], []
-        for item in items:
-            pending.append(remote.remote(*item))
-            if len(pending) >= parallel:
-                results.append(ray.get(pending.pop(0)))
-        return results + ray.get(pending)
+        try:
+            for item in items:
+                pending.append(remote.remote(*item))
+                if len(pending) >= parallel:
+                    results.append(ray.get(pending.pop(0)))
+            return results + ray.get(pending)
+        except ray.exceptions.RayTaskError as exc:  # the task's own error, without Ray's remote traceback
+            if isinstance(exc.cause, SourceError):
+                raise SourceError(str(exc.cause)) from None
+            raise
     with ThreadPoolExecutor(max_workers=min(parallel, 8)) as pool:
         return list(pool.map(lambda item: function(*item), items))
 
@@ -284,20 +323,21 @@ def plan_parts(sources: Sequence[SourceConfig], output: str, part_rows: int, max
             inputs.
         ValueError: A source has a weight other than 1 (mixing by weight is the table layout's).
     """
+    check_sources_for_parts(sources, columns)
     digest = inputs_digest(sources, part_rows, max_images, id_column, columns)
     folder = plan_uri(output)
     existing = load_plan(output)
+    units = units_of(sources)
     if existing is not None:
         if existing.digest != digest:
             raise SourceError(f"output {output} was planned for other inputs (plan {existing.digest}, these inputs "
-                              f"{digest}: sources, part_rows, max_images, id_column or columns differ); use a new "
-                              "output, or delete its _parts folder and its part files to start over")
+                              f"{digest}: sources, part_rows, max_images, id_column or columns differ) and holds "
+                              "their rows; use a new output")
+        _check_unchanged(existing, units, output)
         return existing
-    for i, source in enumerate(sources):
-        if source.weight != 1.0:
-            raise ValueError(f"input.{i}.weight: the parts layout takes every source whole, in order; mixing by "
-                             "weight is the table layout's (layout: table)")
-    units = units_of(sources)
+    if storage.exists(storage.join(output, "_commits")):
+        raise SourceError(f"output {output} holds committed parts but no plan ({PLAN_FOLDER}/{PLAN_FILE}); use a new "
+                          "output")
     if progress:
         progress(f"plan: indexing {len(units)} units ({sum(u.kind == 'tar' for u in units)} tars, "
                  f"{sum(u.kind == 'image_parquet' for u in units)} Parquet files with images)")
@@ -310,6 +350,34 @@ def plan_parts(sources: Sequence[SourceConfig], output: str, part_rows: int, max
                      {"units": len(entries), "rows": sum(hi - lo for p in parts for _, lo, hi in p)})
     storage.write_text_once(storage.join(folder, PLAN_FILE), plan.to_json(), overwrite=True)
     return plan
+
+
+def check_sources_for_parts(sources: Sequence[SourceConfig], columns: Sequence[str] = ()) -> None:
+    """What the parts layout refuses before reading anything: weights, and pass-through names it reserves.
+
+    Raises:
+        SourceError: Names the key (``input.<i>.weight``, ``columns``) and why.
+    """
+    for i, source in enumerate(sources):
+        if source.weight != 1.0:
+            raise SourceError(f"input.{i}.weight: the parts layout takes every source whole, in order; mixing by "
+                              "weight is the table layout's (layout: table)")
+    check_columns(columns)
+
+
+def _check_unchanged(plan: PartsPlan, units: list[Unit], output: str) -> None:
+    """Refuse a plan whose containers or manifests were added, removed or rewritten since it was made.
+
+    A listing of loose files is not compared (it would mean listing it again, row by row).
+    """
+    planned = [(e["uri"], e.get("bytes")) for e in plan.units if e["kind"] != "listing"]
+    current = [(u.uri, u.bytes) for u in units if u.kind != "listing"]
+    if planned != current:
+        added = sorted({uri for uri, _ in current} - {uri for uri, _ in planned})
+        changed = sorted(uri for uri, size in set(current) - set(planned) if uri not in added)
+        raise SourceError(f"the inputs of {output} changed since they were planned ({len(added)} files added, e.g. "
+                          f"{added[:2]}; {len(changed)} rewritten or removed, e.g. {changed[:2]}); planned parts would "
+                          "read the wrong bytes: score them into a new output")
 
 
 def _unified_schema(schemas: list[pa.Schema], id_column: str | None, columns: Sequence[str],
@@ -328,7 +396,11 @@ def _unified_schema(schemas: list[pa.Schema], id_column: str | None, columns: Se
     fields = []
     for name in wanted:
         types = [t for t in found[name] if not pa.types.is_null(t)] or [pa.string()]
-        unified = pa.unify_schemas([pa.schema([(name, t)]) for t in types], promote_options="permissive")
+        try:
+            unified = pa.unify_schemas([pa.schema([(name, t)]) for t in types], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            raise SourceError(f"column {name!r} has types that do not mix across inputs: "
+                              f"{sorted({str(t) for t in types})}; give it one type in every input") from None
         fields.append(unified.field(name))
     return pa.schema(fields)
 

@@ -25,10 +25,10 @@ from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
 from cskd_ray.io.part_pass import run_parts
-from cskd_ray.io.parts import is_container_source, plan_parts
+from cskd_ray.io.parts import check_sources_for_parts, is_container_source, plan_parts
 from cskd_ray.io.preflight import check_paths, check_sources
 from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
-from cskd_ray.io.sources import expand_sources
+from cskd_ray.io.sources import SourceError, expand_sources
 from cskd_ray.io.transforms import PreprocessSpec
 
 
@@ -173,6 +173,19 @@ def resolve_layout(cfg: LabelConfig) -> str:
     return "parts" if parts else "table"
 
 
+def check_parts_config(cfg: LabelConfig) -> None:
+    """The parts layout's config checks, before Ray starts (weights, reserved column names).
+
+    Raises:
+        ConfigError: Names the key and why.
+    """
+    if resolve_layout(cfg) == "parts":
+        try:
+            check_sources_for_parts(cfg.input, cfg.columns)
+        except SourceError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def check_layout(table: ResultTable, layout: str) -> None:
     """Refuse to add one layout's rows to an output written in the other (readers would mix them)."""
     meta = table.read_meta()
@@ -196,6 +209,7 @@ def check(cfg: LabelConfig) -> None:
     """Before Ray starts: paths, that every source exists, and that ``model`` is a model folder that loads."""
     check_paths(cfg)
     check_sources(cfg)
+    check_parts_config(cfg)
     if not storage.exists(storage.join(cfg.model, "model.json")):  # cheap, before importing torch
         raise ConfigError(f"model {cfg.model}: not a model folder (no model.json); run `teacher` first and "
                           "pass its output/model")

@@ -35,7 +35,7 @@ from cskd_ray.config import dump_config
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
 from cskd_ray.io.preflight import check_paths, check_sources
-from cskd_ray.stages.label import LabelConfig, result_dict, score_missing
+from cskd_ray.stages.label import LabelConfig, check_parts_config, result_dict, score_missing
 
 
 class ScoreConfig(LabelConfig):
@@ -92,10 +92,11 @@ def manifest_uri(output: str, threshold: float) -> str:
 
 
 def write_min_score_manifest(table: pa.Table, output: str, threshold: float) -> tuple[str, int]:
-    """Rewrite the manifest of ``uri, score`` with score ≥ ``threshold`` (sorted, one line per URI)."""
+    """Rewrite the manifest of ``uri, score[, id]`` with score ≥ ``threshold`` (sorted, one line per URI)."""
     kept = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), threshold), False))
-    kept = kept.select(["uri", "score"]).group_by("uri").aggregate([("score", "max")]).rename_columns(["uri", "score"])
-    kept = kept.sort_by("uri")
+    keys = ["uri", "id"] if "id" in table.column_names else ["uri"]  # the parts layout's user ids
+    kept = kept.select([*keys, "score"]).group_by(keys).aggregate([("score", "max")])
+    kept = kept.rename_columns([*keys, "score"]).select(["uri", "score", *keys[1:]]).sort_by("uri")
     sink = io.BytesIO()
     pacsv.write_csv(kept, sink)
     uri = manifest_uri(output, threshold)
@@ -112,7 +113,9 @@ def run(cfg: ScoreConfig, progress: Callable[[str], None] | None = None) -> dict
 
     result = score_missing(cfg, "score", progress)
     head = describe_scoring_model(cfg.model)["head"]
-    table = ResultTable(cfg.output, LABEL_SCHEMA).read(["uri", "score", "error"])
+    output = ResultTable(cfg.output, LABEL_SCHEMA)
+    with_ids = (output.read_meta() or {}).get("layout") == "parts" and cfg.id_column is not None
+    table = output.read(["uri", "score", "error", *(["id"] if with_ids else [])])
     summary = {"output": cfg.output, "model": result.model, "images_in": result.inputs,
                "run": result_dict(result), "table": summarize_table(table, head), "min_score": cfg.min_score}
     if cfg.min_score is not None:
@@ -136,6 +139,7 @@ def check(cfg: ScoreConfig) -> None:
 
     check_paths(cfg)
     check_sources(cfg)
+    check_parts_config(cfg)
     if is_hub_uri(cfg.model):
         cfg.model = pin_revision(cfg.model)
     description = describe_scoring_model(cfg.model)

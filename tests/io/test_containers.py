@@ -57,15 +57,20 @@ def test_parquet_image_column_rows_are_read_by_row_group(tmp_path: Path, struct:
     images = [image_bytes(i) for i in range(9)]
     images[5] = None
     path = write_image_parquet(tmp_path / "train-00000.parquet", images, struct=struct, row_group_size=4)
-    index, column = index_image_parquet(str(path))
-    assert column == ("image" if struct else "jpg")
-    assert index.column("offset").to_pylist() == list(range(9))
-    assert index.column("key").to_pylist() == [f"hf-{i:03d}" for i in range(9)]
-    assert index.column("likes").to_pylist() == list(range(9)) and column not in index.column_names
-    if struct:
-        assert index.column("member")[0].as_py() == "hf-000.jpg"
+    index = index_image_parquet(str(path))
+    column = index.image_column
+    assert column == ("image" if struct else "jpg") and index.rows == 9
+    assert index.columns["key"].to_pylist() == [f"hf-{i:03d}" for i in range(9)]
+    assert index.columns["likes"].to_pylist() == list(range(9)) and column not in index.columns
+    assert index.paths[0] == ("hf-000.jpg" if struct else None)
+    assert list(index_image_parquet(str(path), columns=["caption"]).columns) == ["caption"]  # only what is asked
     rows = [8, 0, 5, 4, 3]
     assert read_parquet_images(str(path), column, rows) == [images[r] for r in rows]
+    cache: dict = {}  # consecutive reads of one row group read it once
+    assert read_parquet_images(str(path), column, [4, 5], cache) == images[4:6]
+    assert list(cache) == [(str(path), column, 1)]
+    assert read_parquet_images(str(path), column, [6, 8], cache) == [images[6], images[8]]
+    assert list(cache) == [(str(path), column, 2)]
 
 
 def test_parquet_without_image_column_names_its_columns(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sample_collections import image_bytes, write_image_parquet, write_webdataset_tar
 
@@ -97,3 +98,26 @@ def test_plan_on_s3_in_parallel_tasks(tmp_path: Path, s3_bucket: str, ray_sessio
     rows = read_part(plan, 1)
     assert rows.column("id").to_pylist() == [f"hf-{i:03d}" for i in range(6)]
     assert rows.column("container")[0].as_py() == f"{s3_bucket}/hf/{hf.name}"
+
+
+def test_ids_keep_their_text_types_must_agree_and_changed_inputs_are_refused(tmp_path: Path) -> None:
+    shards, hf, _ = _collection(tmp_path / "in")
+    ids = tmp_path / "in" / "ids.csv"
+    ids.write_text("uri,key,n\nf0.jpg,000123,7\nf1.jpg,000124,8\n")
+    plan = plan_parts(_sources(ids), str(tmp_path / "o1"), 4, id_column="key", columns=["n"])
+    assert read_part(plan, 0).column("id").to_pylist() == ["000123", "000124"]  # text: the zeros are kept
+    with pytest.raises(SourceError, match=r"columns \['size'\]: these names are the output's own columns"):
+        plan_parts(_sources(ids), str(tmp_path / "o2"), 4, columns=["size"])
+    # a Parquet file whose own columns are named like the index's is planned (they are not passed through)
+    odd = tmp_path / "in" / "odd.parquet"
+    table = pq.read_table(hf).append_column("offset", pa.array(range(6))).append_column("n", pa.array(range(6)))
+    pq.write_table(table.append_column("size", pa.array(["s"] * 6)), odd)
+    assert plan_parts(_sources(odd), str(tmp_path / "o3"), 4, id_column="key").rows == 6
+    with pytest.raises(SourceError, match=r"column 'n' has types that do not mix across inputs"):
+        plan_parts(_sources(odd, ids), str(tmp_path / "o4"), 4, columns=["n"])
+    # a WebDataset folder that gained a shard after planning is refused, not silently half-read
+    sources = [SourceConfig(uri=str(shards), kind="webdataset")]
+    plan_parts(sources, str(tmp_path / "o5"), 4)
+    write_webdataset_tar(shards / "00002.tar", [("c0", ".jpg", image_bytes(99))])
+    with pytest.raises(SourceError, match=r"changed since they were planned \(1 files added"):
+        plan_parts(sources, str(tmp_path / "o5"), 4)

@@ -21,7 +21,8 @@ from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 from cskd_ray.io.decode import decode_image
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
-from cskd_ray.io.part_pass import committed_parts, read_marker
+from cskd_ray.io.part_pass import commit_part, committed_parts, read_marker
+from cskd_ray.io.parts import load_plan
 from cskd_ray.io.transforms import normalize_batch, resize_crop
 from cskd_ray.models.saved import load_scoring_model
 
@@ -59,8 +60,8 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
         ray_session, s3_bucket: str, http_folder: tuple[Path, str], tmp_path: Path) -> None:
     model_dir = write_model_folder(tmp_path / "model")
     tar_images = [image_bytes(i) for i in range(10)]
-    tar_images[3] = tar_images[0]  # the same content twice in one part: computed once
-    tar_images[5] = b"\xff\xd8 not really a jpeg"
+    tar_images[5] = tar_images[0]  # the same content twice in one part, in another chunk and batch: computed once
+    tar_images[3] = b"\xff\xd8 not really a jpeg"
     tar = write_webdataset_tar(tmp_path / "00000.tar", [(f"t{i}", ".jpg", b) for i, b in enumerate(tar_images)])
     hf_images: list[bytes | None] = [image_bytes(20 + i) for i in range(6)]
     hf_images[2] = None
@@ -74,7 +75,8 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
     urls.write_text("url,key,caption\n" + "".join(f"{base}/u{i}.jpg,u{i},url {i}\n" for i in range(3))
                     + f"{base}/missing.jpg,u3,url 3\n")
     out = str(tmp_path / "scores")
-    overrides = ["batch_size=8", "decode_batch_size=4", "part_rows=6", "id_column=key", "columns=[caption]"]
+    overrides = ["batch_size=8", "decode_batch_size=4", "part_rows=6", "id_column=key", "columns=[caption]",
+                 "min_score=5.0"]
     lines: list[str] = []
     summary = run_score_command(str(model_dir), [str(tar), hf_uri, str(urls)], out, None, overrides,
                                 printer=lines.append)
@@ -87,18 +89,22 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
                                                                                              for i in range(4)]
     assert first.column("txt")[1].as_py() == "photo t1"
     errors = dict(zip(first.column("id").to_pylist(), first.column("error").to_pylist(), strict=True))
-    assert errors["t5"].startswith(("not an image", "corrupt image", "truncated image"))
+    assert errors["t3"].startswith(("not an image", "corrupt image", "truncated image"))
     assert errors["hf-002"] == "read error: no image bytes (null)"
     assert errors["u3"].startswith("read error:") and "404" in errors["u3"]
     assert sum(e is not None for e in errors.values()) == 3
     scores = dict(zip(first.column("id").to_pylist(), first.column("score").to_pylist(), strict=True))
     np.testing.assert_allclose([scores["t1"], scores["hf-004"], scores["u2"]],
                                _expected_scores(model_dir, [tar_images[1], hf_images[4], image_bytes(42)]), rtol=1e-4)
-    assert scores["t3"] == scores["t0"] and first.column("sha256")[3] == first.column("sha256")[0]
+    assert scores["t5"] == scores["t0"] and first.column("sha256")[5] == first.column("sha256")[0]
     markers = [read_marker(out, p) for p in sorted(committed_parts(out))]
     assert [m["part"] for m in markers] == [0, 1, 2, 3] and sum(m["rows"] for m in markers) == 20
     assert sum(m["deduplicated"] for m in markers) == 1 and sum(m["errors"] for m in markers) == 3
     assert not list(Path(out, "_attempts").rglob("*.parquet"))  # committed attempts are cleaned up
+    # a commit retried after its first attempt wrote the marker (and deleted the attempt's files) returns it
+    assert commit_part(out, load_plan(out), 0, [], LABEL_SCHEMA) == markers[0]
+    manifest = Path(summary["manifest"]).read_text().splitlines()
+    assert manifest[0].replace('"', "") == "uri,score,id" and len(manifest) == 1 + summary["manifest_rows"] > 1
 
     # A crash: part 1 lost its marker and file, part 2 its marker only (killed between the two); a dead
     # attempt left a file behind. The rerun redoes exactly parts 1 and 2, and never reads the dead attempt.
@@ -125,6 +131,9 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
     # layouts never mix in one output; the table layout cannot read containers
     with pytest.raises(ConfigError, match="written in the parts layout"):
         run_score_command(str(model_dir), [str(www)], out, None, ["layout=table"], printer=lines.append)
+    with pytest.raises(ConfigError, match=r"columns \['score'\]: these names are the output's own columns"):
+        run_score_command(str(model_dir), [str(urls)], str(tmp_path / "c"), None, ["columns=[score]"],
+                          printer=lines.append)
     with pytest.raises(ConfigError, match="layout: table cannot read WebDataset"):
         run_score_command(str(model_dir), [str(tar)], str(tmp_path / "t"), None, ["layout=table"],
                           printer=lines.append)
