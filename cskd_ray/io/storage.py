@@ -364,6 +364,35 @@ def write_bytes_once(uri: str, data: bytes, *, overwrite: bool = False) -> bool:
             os.unlink(tmp)
 
 
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri`` (replacing it), streaming: nothing close to the file's size is held in memory.
+
+    Local targets are written under a temporary name and renamed into place; an S3 upload becomes visible when
+    complete.
+    """
+    fs, path = resolve(uri)
+
+    def copy(target: str) -> None:
+        with open(local_path, "rb") as source, fs.open_output_stream(target) as out:
+            while chunk := source.read(8 << 20):
+                out.write(chunk)
+
+    if is_remote(uri):
+        try:
+            retry_io(lambda: copy(path), uri)
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write: {exc}") from exc
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        copy(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_text_once(uri: str, text: str, *, overwrite: bool = False) -> bool:
     """UTF-8 text version of :func:`write_bytes_once`."""
     return write_bytes_once(uri, text.encode("utf-8"), overwrite=overwrite)

@@ -118,11 +118,13 @@ class LabelResult:
         return self.new_rows / self.seconds if self.seconds else 0.0
 
 
-def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] | None = None) -> LabelResult:
+def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] | None = None,
+                  summarize: Callable[[pa.Table], dict] | None = None) -> LabelResult:
     """Score the inputs not yet in ``cfg.output`` with the model at ``cfg.model``. Ray must be initialised.
 
     The pass shared by ``label`` and ``score``: one row per input URI, a rerun scores only what is
     missing, and the same content under several URIs is scored once. ``stage`` names the progress lines.
+    ``summarize`` (parts layout) summarises each committed part into its marker.
     """
     from cskd_ray.models.hub import is_hub_uri, pin_revision
     from cskd_ray.models.saved import describe_scoring_model, scoring_model_id
@@ -146,7 +148,7 @@ def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] 
         plan = plan_parts(cfg.input, cfg.output, cfg.part_rows, cfg.max_images, cfg.id_column, cfg.columns,
                           progress=progress)
         done = run_parts(plan, cfg.output, LABEL_SCHEMA, preprocess, ScoreActor, actor_kwargs,
-                         PipelineOptions.from_config(cfg), stage, progress)
+                         PipelineOptions.from_config(cfg), stage, progress, summarize)
         return LabelResult(cfg.output, done.rows, done.rows_done_before, done.new_rows, done.deduplicated,
                            done.errors, time.perf_counter() - start, model_id)
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)

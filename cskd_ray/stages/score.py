@@ -18,6 +18,7 @@ Around it this module adds, at the end of every run:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from cskd_ray.config import dump_config
@@ -78,6 +80,77 @@ def summarize_table(table: pa.Table, head: dict) -> dict:
             "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}}
 
 
+def merge_summaries(summaries: list[dict], head: dict) -> dict:
+    """One summary of several tables' :func:`summarize_table` results (the parts of an output)."""
+    lo, hi = score_scale(head)
+    edges = np.histogram_bin_edges([], bins=HISTOGRAM_BINS, range=(lo, hi))
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    kinds: Counter[str] = Counter()
+    rows = scored = 0
+    total, low, high = 0.0, float("inf"), float("-inf")
+    for summary in summaries:
+        rows += summary["rows"]
+        scored += summary["scored"]
+        kinds.update(summary["errors_by_kind"])
+        counts += np.asarray(summary["histogram"]["counts"], dtype=np.int64)
+        if summary["score"]:
+            total += summary["score"]["mean"] * summary["scored"]
+            low, high = min(low, summary["score"]["min"]), max(high, summary["score"]["max"])
+    stats = {"mean": total / scored, "min": low, "max": high} if scored else {}
+    return {"rows": rows, "scored": scored, "errors": sum(kinds.values()),
+            "errors_by_kind": dict(sorted(kinds.items())), "score": stats,
+            "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}}
+
+
+def summarize_parts(output: str, head: dict) -> dict:
+    """The summary of a parts-layout output, merged from its commit markers.
+
+    A part file is read only when its marker has no summary (e.g. one written by ``label``).
+    """
+    from cskd_ray.io.part_pass import committed_parts, part_file, read_markers
+
+    summaries = []
+    for marker in read_markers(output, sorted(committed_parts(output))):
+        if "summary" not in marker:
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(part_file(output, marker["part"]))),
+                                  columns=["score", "error"])
+            marker["summary"] = summarize_table(table, head)
+        summaries.append(marker["summary"])
+    return merge_summaries(summaries, head)
+
+
+def write_parts_min_score_manifest(output: str, threshold: float) -> tuple[str, int]:
+    """:func:`write_min_score_manifest` for a parts-layout output, streamed part by part.
+
+    Lines are ``uri, score[, id]`` in plan order (not sorted); the driver holds one part's at a time, never the
+    whole table.
+    """
+    import tempfile
+
+    from cskd_ray.io.part_pass import committed_parts, part_file
+
+    uri, kept = manifest_uri(output, threshold), 0
+    with tempfile.NamedTemporaryFile(suffix=".csv") as local:
+        writer = None
+        for part in sorted(committed_parts(output)):
+            fs, path = storage.resolve(part_file(output, part))
+            with fs.open_input_file(path) as handle:
+                names = pq.ParquetFile(handle).schema_arrow.names
+                table = pq.read_table(handle, columns=["uri", "score", *(["id"] if "id" in names else [])])
+            table = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), threshold), False))
+            if writer is None:
+                writer = pacsv.CSVWriter(local.name, table.schema)
+            writer.write_table(table)
+            kept += len(table)
+        if writer is None:
+            local.write(b'"uri","score"\n')
+            local.flush()
+        else:
+            writer.close()
+        storage.upload_file(local.name, uri)
+    return uri, kept
+
+
 def text_histogram(histogram: dict, width: int = 40) -> str:
     """The histogram as text lines: ``lo–hi | ####  count``."""
     counts, edges = histogram["counts"], histogram["edges"]
@@ -92,11 +165,10 @@ def manifest_uri(output: str, threshold: float) -> str:
 
 
 def write_min_score_manifest(table: pa.Table, output: str, threshold: float) -> tuple[str, int]:
-    """Rewrite the manifest of ``uri, score[, id]`` with score ≥ ``threshold`` (sorted, one line per URI)."""
+    """Rewrite the manifest of ``uri, score`` with score ≥ ``threshold`` (sorted, one line per URI)."""
     kept = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), threshold), False))
-    keys = ["uri", "id"] if "id" in table.column_names else ["uri"]  # the parts layout's user ids
-    kept = kept.select([*keys, "score"]).group_by(keys).aggregate([("score", "max")])
-    kept = kept.rename_columns([*keys, "score"]).select(["uri", "score", *keys[1:]]).sort_by("uri")
+    kept = kept.select(["uri", "score"]).group_by("uri").aggregate([("score", "max")]).rename_columns(["uri", "score"])
+    kept = kept.sort_by("uri")
     sink = io.BytesIO()
     pacsv.write_csv(kept, sink)
     uri = manifest_uri(output, threshold)
@@ -111,15 +183,20 @@ def run(cfg: ScoreConfig, progress: Callable[[str], None] | None = None) -> dict
     """
     from cskd_ray.models.saved import describe_scoring_model
 
-    result = score_missing(cfg, "score", progress)
     head = describe_scoring_model(cfg.model)["head"]
-    output = ResultTable(cfg.output, LABEL_SCHEMA)
-    with_ids = (output.read_meta() or {}).get("layout") == "parts" and cfg.id_column is not None
-    table = output.read(["uri", "score", "error", *(["id"] if with_ids else [])])
+    result = score_missing(cfg, "score", progress, functools.partial(summarize_table, head=head))
     summary = {"output": cfg.output, "model": result.model, "images_in": result.inputs,
-               "run": result_dict(result), "table": summarize_table(table, head), "min_score": cfg.min_score}
-    if cfg.min_score is not None:
-        summary["manifest"], summary["manifest_rows"] = write_min_score_manifest(table, cfg.output, cfg.min_score)
+               "run": result_dict(result), "min_score": cfg.min_score}
+    if (ResultTable(cfg.output, LABEL_SCHEMA).read_meta() or {}).get("layout") == "parts":
+        summary["table"] = summarize_parts(cfg.output, head)  # nothing per row on the driver
+        if cfg.min_score is not None:
+            summary["manifest"], summary["manifest_rows"] = write_parts_min_score_manifest(cfg.output, cfg.min_score)
+    else:
+        table = ResultTable(cfg.output, LABEL_SCHEMA).read(["uri", "score", "error"])
+        summary["table"] = summarize_table(table, head)
+        if cfg.min_score is not None:
+            summary["manifest"], summary["manifest_rows"] = write_min_score_manifest(table, cfg.output,
+                                                                                     cfg.min_score)
     record = {**summary, "config": cfg.model_dump(mode="json"), "config_yaml": dump_config(cfg)}
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
     summary["summary_json"] = storage.join(cfg.output, "_runs", name)

@@ -3,7 +3,9 @@ rerun that redoes exactly the parts without a commit marker."""
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +27,7 @@ from cskd_ray.io.part_pass import commit_part, committed_parts, read_marker
 from cskd_ray.io.parts import load_plan
 from cskd_ray.io.transforms import normalize_batch, resize_crop
 from cskd_ray.models.saved import load_scoring_model
+from cskd_ray.stages.score import merge_summaries, summarize_table
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -103,8 +106,15 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
     assert not list(Path(out, "_attempts").rglob("*.parquet"))  # committed attempts are cleaned up
     # a commit retried after its first attempt wrote the marker (and deleted the attempt's files) returns it
     assert commit_part(out, load_plan(out), 0, [], LABEL_SCHEMA) == markers[0]
-    manifest = Path(summary["manifest"]).read_text().splitlines()
-    assert manifest[0].replace('"', "") == "uri,score,id" and len(manifest) == 1 + summary["manifest_rows"] > 1
+    # the summary is merged from the markers' per-part summaries: the same as summarising every row
+    table_summary = summarize_table(first, {"kind": "distribution", "bins": 10})
+    assert summary["table"]["score"] == pytest.approx(table_summary.pop("score"))
+    assert {k: v for k, v in summary["table"].items() if k != "score"} == table_summary
+    manifest = list(csv.DictReader(io.StringIO(Path(summary["manifest"]).read_text())))
+    expected = first.filter(pc.fill_null(pc.greater_equal(first.column("score"), 5.0), False))
+    assert [(r["uri"], r["id"]) for r in manifest] == list(zip(expected.column("uri").to_pylist(),
+                                                                expected.column("id").to_pylist(), strict=True))
+    assert summary["manifest_rows"] == len(manifest) > 0
 
     # A crash: part 1 lost its marker and file, part 2 its marker only (killed between the two); a dead
     # attempt left a file behind. The rerun redoes exactly parts 1 and 2, and never reads the dead attempt.
@@ -138,3 +148,17 @@ def test_tars_parquet_and_urls_keep_ids_and_a_rerun_redoes_only_uncommitted_part
         run_score_command(str(model_dir), [str(tar)], str(tmp_path / "t"), None, ["layout=table"],
                           printer=lines.append)
     assert pc.sum(pc.is_valid(again.column("score"))).as_py() == 17
+
+
+def test_merged_summaries_equal_the_summary_of_the_whole_table() -> None:
+    rng = np.random.default_rng(0)
+    scores = [None if i % 7 == 0 else float(rng.uniform(0, 11)) for i in range(50)]
+    errors = [("read error: x" if i % 14 == 0 else "not an image: y") if s is None else None
+              for i, s in enumerate(scores)]
+    table = pa.table({"score": pa.array(scores, pa.float64()), "error": pa.array(errors, pa.string())})
+    head = {"kind": "distribution", "bins": 10}
+    parts = [summarize_table(table.slice(lo, 12), head) for lo in range(0, 50, 12)]
+    merged, whole = merge_summaries(parts, head), summarize_table(table, head)
+    assert merged["score"] == pytest.approx(whole.pop("score"))
+    assert {k: v for k, v in merged.items() if k != "score"} == whole
+    assert merge_summaries([], head)["rows"] == 0
