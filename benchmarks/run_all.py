@@ -52,6 +52,13 @@ BENCHMARKS: dict[str, tuple[list[str], list[Target]]] = {
         Target("memory_4k_vs_1k", "<=", 1.3, "peak memory, 4k vs 1k images"),
         Target("student_vs_teacher", ">=", 5, "student vs ViT-B/16 teacher, marginal img/s"),
     ]),
+    "scale": (["bench_scale.py"], [
+        Target("plan_rss_1m_vs_100k", "<=", 1.1, "parts layout: driver RSS to plan 1M vs 100k inputs"),
+        Target("resume_rss_1m_vs_100k", "<=", 1.1, "parts layout: driver RSS to resume 1M vs 100k inputs"),
+        Target("pass_rss_ratio", "<=", 1.2, "parts layout: driver RSS through a full pass, 50k vs 10k images"),
+        Target("pass_speed_vs_old", ">=", 0.9, "parts vs table layout rows/s, 10k images"),
+        Target("pass_speed_vs_old_50k", ">=", 0.9, "parts vs table layout rows/s, 50k images"),
+    ]),
 }
 
 

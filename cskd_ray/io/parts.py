@@ -17,8 +17,9 @@ Ray is initialised, threads otherwise); the driver holds per-unit counts and the
 rows. A rerun with the same inputs reuses the plan (part ids are stable); other inputs are refused.
 
 What planning does not do (the table layout of :mod:`cskd_ray.io.sources` does): weights (every source is
-taken whole, in order) and seeded samples (``max_images`` takes the first images in plan order); a listing
-of loose files is one unit, listed by one task.
+taken whole, in order) and seeded samples (``max_images`` takes the first images in plan order). A folder or
+prefix of loose files is listed one level deep on the driver; its files are one unit and each subfolder
+another, so the subfolders are listed in parallel (a flat prefix of millions of files is still one listing).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 from cskd_ray.io import storage
 from cskd_ray.io.containers import ContainerError, index_image_parquet, index_tar
 from cskd_ray.io.fetch import is_url
-from cskd_ray.io.sources import URI_COLUMNS, SourceConfig, SourceError, list_source
+from cskd_ray.io.sources import URI_COLUMNS, SourceConfig, SourceError
 
 PLAN_FOLDER = "_parts"
 PLAN_FILE = "plan.json"
@@ -69,7 +70,7 @@ def check_columns(columns: Sequence[str]) -> None:
 class Unit:
     """One thing a planning task indexes: a container, a manifest or a listing."""
 
-    kind: str  # "tar" | "image_parquet" | "manifest" | "listing"
+    kind: str  # "tar" | "image_parquet" | "manifest" | "listing" (recursive) | "listing_top" (one folder level)
     uri: str
     source: int
     image_column: str | None = None
@@ -181,8 +182,27 @@ def units_of(sources: Sequence[SourceConfig]) -> list[Unit]:
                 raise SourceError(f"manifest {source.uri}: {exc}") from exc
             units.append(Unit(kind, source.uri, i, bytes=size))
         else:
-            units.append(Unit(kind, source.uri, i))
+            units += listing_units(source, i)
     return units
+
+
+def listing_units(source: SourceConfig, number: int) -> list[Unit]:
+    """A folder / prefix is listed one level deep here; each subfolder becomes a unit listed by its own task.
+
+    One recursive listing of a large prefix is a long chain of sequential requests (1,000 keys each on S3); its
+    subfolders' listings run in parallel. A glob or a single file is one unit.
+
+    Raises:
+        SourceError: Nothing exists at the source's URI.
+    """
+    if any(c in source.uri for c in storage.GLOB_CHARS) or not storage.is_dir(source.uri):
+        return [Unit("listing", source.uri, number)]
+    try:
+        files, folders = storage.list_top(source.uri, tuple(source.suffixes) if source.suffixes else None)
+    except storage.StorageError as exc:
+        raise SourceError(f"input {source.uri}: {exc}") from exc
+    return ([Unit("listing_top", source.uri, number)] if files else []) + [
+        Unit("listing", folder, number) for folder in folders]
 
 
 def _manifest_table(uri: str) -> pa.Table:
@@ -253,7 +273,14 @@ def index_unit(unit: Unit, source: SourceConfig, id_column: str | None,
                               "offset": pa.nulls(len(found), pa.int64()), "size": pa.nulls(len(found), pa.int64())})
             extra = found.drop(["uri"])
         else:
-            uris = list_source(source.model_copy(update={"kind": "listing", "max_images": None}))
+            suffixes = tuple(source.suffixes) if source.suffixes else None
+            try:
+                if unit.kind == "listing_top":
+                    uris = [e.uri for e in storage.list_top(unit.uri, suffixes)[0]]
+                else:
+                    uris = [e.uri for e in storage.list_files(unit.uri, suffixes)]
+            except storage.StorageError as exc:
+                raise SourceError(f"input {source.uri}: {exc}") from exc
             table = pa.table({"uri": pa.array(uris, pa.string()), "container": pa.nulls(len(uris), pa.string()),
                               "offset": pa.nulls(len(uris), pa.int64()), "size": pa.nulls(len(uris), pa.int64())})
             extra = pa.table({"uri": table.column("uri")})  # a listing's only column
@@ -344,6 +371,10 @@ def plan_parts(sources: Sequence[SourceConfig], output: str, part_rows: int, max
     entries = _map(_write_unit_index, [(folder, n, u, sources[u.source], id_column, list(columns), part_rows)
                                        for n, u in enumerate(units)], parallel)
     schemas = [pa.ipc.read_schema(pa.py_buffer(base64.b64decode(e.pop("schema")))) for e in entries]
+    for i, source in enumerate(sources):
+        if not any(e["rows"] for e in entries if e["source"] == i):
+            ending = f" ending with {source.suffixes}" if source.suffixes else ""
+            raise SourceError(f"input {source.uri}: holds no files{ending}")
     schema = _unified_schema(schemas, id_column, columns, sources, units)
     parts = _slice_into_parts(entries, sources, part_rows, max_images)
     plan = PartsPlan(folder, digest, entries, parts, schema,
@@ -370,8 +401,8 @@ def _check_unchanged(plan: PartsPlan, units: list[Unit], output: str) -> None:
 
     A listing of loose files is not compared (it would mean listing it again, row by row).
     """
-    planned = [(e["uri"], e.get("bytes")) for e in plan.units if e["kind"] != "listing"]
-    current = [(u.uri, u.bytes) for u in units if u.kind != "listing"]
+    planned = [(e["uri"], e.get("bytes")) for e in plan.units if not e["kind"].startswith("listing")]
+    current = [(u.uri, u.bytes) for u in units if not u.kind.startswith("listing")]
     if planned != current:
         added = sorted({uri for uri, _ in current} - {uri for uri, _ in planned})
         changed = sorted(uri for uri, size in set(current) - set(planned) if uri not in added)

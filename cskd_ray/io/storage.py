@@ -267,6 +267,33 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[Fi
                 yield FileEntry(_to_uri(uri, found.path), found.size or 0)
 
 
+def list_top(uri: str, suffixes: tuple[str, ...] | None = None) -> tuple[list[FileEntry], list[str]]:
+    """One level of a directory / prefix: its files (filtered as :func:`list_files` does) and its subfolders' URIs.
+
+    Sorted; names starting with ``.`` or ``_`` are skipped. On S3 this is one delimited listing (common prefixes),
+    so the subfolders can then be listed in parallel.
+
+    Raises:
+        StorageError: Nothing exists at ``uri`` or it cannot be listed.
+    """
+    fs, path = resolve(uri)
+    try:
+        infos = retry_io(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)), uri)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file, directory or prefix") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list: {exc}") from exc
+    files, folders = [], []
+    for found in sorted(infos, key=lambda i: i.path):
+        if posixpath.basename(found.path.rstrip("/")).startswith((".", "_")):
+            continue
+        if found.type == pafs.FileType.Directory:
+            folders.append(_to_uri(uri, found.path.rstrip("/")))
+        elif found.type == pafs.FileType.File and _matches(found.path, suffixes):
+            files.append(FileEntry(_to_uri(uri, found.path), found.size or 0))
+    return files, folders
+
+
 def _glob_match(path: str, pattern: str) -> bool:
     """Shell-style match where ``*`` and ``?`` never cross a ``/`` (as in a shell or S3 console)."""
     parts, pattern_parts = path.split("/"), pattern.split("/")

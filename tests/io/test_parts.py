@@ -91,6 +91,8 @@ def test_plan_on_s3_in_parallel_tasks(tmp_path: Path, s3_bucket: str, ray_sessio
     for path in sorted(shards.iterdir()):
         storage.write_bytes_once(f"{s3_bucket}/wds/{path.name}", path.read_bytes())
     storage.write_bytes_once(f"{s3_bucket}/hf/{hf.name}", hf.read_bytes())
+    for name in ("loose/a/1.jpg", "loose/a/2.jpg", "loose/b/3.jpg", "loose/0.jpg"):
+        storage.write_bytes_once(f"{s3_bucket}/{name}", image_bytes(len(name)))
     sources = [SourceConfig(uri=f"{s3_bucket}/wds/*.tar"), SourceConfig(uri=f"{s3_bucket}/hf", kind="image_parquet")]
     plan = plan_parts(sources, f"{s3_bucket}/out", part_rows=10, id_column="key")
     assert plan.rows == 16 and len(plan.parts) == 2 and [u["kind"] for u in plan.units] == ["tar", "tar",
@@ -98,6 +100,12 @@ def test_plan_on_s3_in_parallel_tasks(tmp_path: Path, s3_bucket: str, ray_sessio
     rows = read_part(plan, 1)
     assert rows.column("id").to_pylist() == [f"hf-{i:03d}" for i in range(6)]
     assert rows.column("container")[0].as_py() == f"{s3_bucket}/hf/{hf.name}"
+    # an S3 prefix is listed one level deep (common prefixes), then each sub-prefix by its own task
+    plan = plan_parts([SourceConfig(uri=f"{s3_bucket}/loose")], f"{s3_bucket}/out-loose", part_rows=10)
+    assert [(u["kind"], u["uri"].rsplit("/", 1)[-1], u["rows"]) for u in plan.units] == [
+        ("listing_top", "loose", 1), ("listing", "a", 2), ("listing", "b", 1)]
+    assert read_part(plan, 0).column("uri").to_pylist() == [f"{s3_bucket}/loose/{n}"
+                                                            for n in ("0.jpg", "a/1.jpg", "a/2.jpg", "b/3.jpg")]
 
 
 def test_ids_keep_their_text_types_must_agree_and_changed_inputs_are_refused(tmp_path: Path) -> None:
@@ -121,3 +129,19 @@ def test_ids_keep_their_text_types_must_agree_and_changed_inputs_are_refused(tmp
     write_webdataset_tar(shards / "00002.tar", [("c0", ".jpg", image_bytes(99))])
     with pytest.raises(SourceError, match=r"changed since they were planned \(1 files added"):
         plan_parts(sources, str(tmp_path / "o5"), 4)
+
+
+def test_a_folder_is_listed_one_level_deep_and_its_subfolders_as_units_of_their_own(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    for name in ("b/2.jpg", "b/deeper/3.jpg", "a/1.jpg", "top.jpg", "_tmp/x.jpg", ".hidden/y.jpg", "c/notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes(len(name)))
+    (root / "empty").mkdir()
+    plan = plan_parts([SourceConfig(uri=str(root), suffixes=[".jpg"])], str(tmp_path / "out"), 10)
+    assert [(u["kind"], Path(u["uri"]).name, u["rows"]) for u in plan.units] == [
+        ("listing_top", "photos", 1), ("listing", "a", 1), ("listing", "b", 2), ("listing", "c", 0),
+        ("listing", "empty", 0)]
+    uris = read_part(plan, 0).column("uri").to_pylist()
+    assert uris == [str(root / n) for n in ("top.jpg", "a/1.jpg", "b/2.jpg", "b/deeper/3.jpg")]
+    with pytest.raises(SourceError, match=r"holds no files ending with \['.png'\]"):
+        plan_parts([SourceConfig(uri=str(root), suffixes=[".png"])], str(tmp_path / "none"), 10)
