@@ -152,8 +152,12 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
 
 
 def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
-    """Ray Data task: write the block's rows of each part under ``_attempts``; return ``part, file, rows``."""
-    parts, files, counts = [], [], []
+    """Ray Data task: write the block's rows of each part under ``_attempts``; return ``part, file, rows``.
+
+    ``rows`` lists the row ids written (the driver marks them off per part: a row delivered twice, by a retried
+    task, is counted once).
+    """
+    parts, files, written = [], [], []
     for part in pc.unique(batch.column("part")).to_pylist():
         rows = batch.filter(pc.equal(batch.column("part"), part))
         sink = io.BytesIO()
@@ -162,9 +166,9 @@ def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
         storage.write_bytes_once(uri, sink.getvalue())
         parts.append(part)
         files.append(uri)
-        counts.append(len(rows))
+        written.append(rows.column("row").combine_chunks())
     return pa.table({"part": pa.array(parts, pa.int32()), "file": pa.array(files, pa.string()),
-                     "rows": pa.array(counts, pa.int64())})
+                     "rows": pa.array([r.to_pylist() for r in written], pa.list_(pa.int32()))})
 
 
 def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], result_schema: pa.Schema,
@@ -319,7 +323,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_part)
     plan_ref = ray.put(plan)  # shipped once, not with every commit
     files: dict[int, list[str]] = {}
-    seen: dict[int, int] = {}
+    seen: dict[int, np.ndarray] = {}  # per part in flight: which of its rows were written (a bitmap, not rows)
     in_flight: dict = {}  # commit ref -> part
     failed: dict[int, str] = {}
     meter = _Progress(stage, total_new, len(pending), progress)
@@ -340,11 +344,13 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             result.parts_run += 1
 
     for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for part, file, rows in zip(*(stats.column(c).to_pylist() for c in ("part", "file", "rows")), strict=True):
+        parts, names = stats.column("part").to_pylist(), stats.column("file").to_pylist()
+        for part, file, rows in zip(parts, names, stats.column("rows").to_numpy(zero_copy_only=False), strict=True):
             files.setdefault(part, []).append(file)
-            seen[part] = seen.get(part, 0) + rows
-            meter.rows += rows
-            if seen[part] >= plan.part_rows(part):  # more: a row delivered twice; the commit keeps one copy
+            marks = seen.setdefault(part, np.zeros(plan.part_rows(part), dtype=bool))
+            meter.rows += int((~marks[rows]).sum())
+            marks[rows] = True
+            if marks.all():  # a row delivered twice (a retried task) is counted once; the commit keeps one copy
                 in_flight[commit.remote(output, plan_ref, part, files.pop(part), result_schema, summarize)] = part
                 del seen[part]
         if in_flight:

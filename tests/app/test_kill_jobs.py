@@ -79,28 +79,39 @@ def _assert_every_input_once(stage: str, output: Path, images: Path) -> None:
 
 # One stage per kill: label's model actor here, the features driver below. Both passes run the same row_pipeline, so
 # each kill covers the other stage's recovery path too (an actor restart, a rerun that trusts the written shards).
-@pytest.mark.parametrize(("stage", "actor_class"), [("label", "ScoreActor")])
+# The parts layout's read task is killed mid-part: Ray runs it again, and the rows it had already handed on arrive
+# twice; each must still end in its part exactly once.
+@pytest.mark.parametrize(("stage", "process", "layout"), [("label", "ScoreActor", "table"),
+                                                         ("label", "read_part_batches", "parts")])
 def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
-    ray_session, many_images: Path, model_dir: Path, tmp_path: Path, stage: str, actor_class: str
+    ray_session, many_images: Path, model_dir: Path, tmp_path: Path, stage: str, process: str, layout: str
 ) -> None:
+    from cskd_ray.io.part_pass import committed_parts
+
     output = tmp_path / stage
-    overrides = [*SMALL_BATCHES, *([f"model={model_dir}"] if stage == "label" else [])]
+    overrides = [*SMALL_BATCHES, f"layout={layout}", "part_rows=40",
+                 *([f"model={model_dir}"] if stage == "label" else [])]
     cfg = load_config(
         stage, CONFIGS / f"{stage}.yaml", overrides, input_uris=[str(many_images)], output_uri=str(output)
     )
     killed: list[int] = []
 
-    def kill_after_first_shard() -> None:
+    def rows_written() -> int:
+        if layout == "parts":
+            return 40 * len(committed_parts(str(output))) if output.exists() else 0
+        return len(_shards(output)) * 4
+
+    def kill_after_first_rows() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            if _shards(output) and (pids := _actor_pids(actor_class)):
+            if rows_written() and (pids := _actor_pids(process)):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 killed.extend(pids)
-                killed.append(len(_shards(output)) * 4)  # rows written when the actor died
+                killed.append(rows_written())  # rows written when the process died
             time.sleep(0.02)
 
-    watcher = threading.Thread(target=kill_after_first_shard, daemon=True)
+    watcher = threading.Thread(target=kill_after_first_rows, daemon=True)
     watcher.start()
     if stage == "features":
         from cskd_ray.stages.features import run as run_features
@@ -111,10 +122,12 @@ def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
 
         result = run_label(cfg)
     watcher.join(timeout=5)
-    assert killed, f"the {actor_class} actor was killed"
+    assert killed, f"the {process} process was killed"
     assert killed[-1] < 162, "the kill landed before the last row was written"
     assert result.new_rows == 162
     _assert_every_input_once(stage, output, many_images)
+    if layout == "parts":
+        assert sorted(committed_parts(str(output))) == list(range(5))
 
 
 def _cli(
