@@ -14,6 +14,11 @@ How Ray Train V2 picks the checkpoint (ray 2.60, ``CheckpointManager``): a new `
 worker failure the controller keeps its in-memory state; either way ``before_init_train_context`` gives
 every worker ``latest_checkpoint_result.checkpoint``, the last one *registered*, with no integrity check.
 So the check runs in the worker, and the fallback walks the ``checkpoint_*`` folders beside that one.
+
+Ray writes that snapshot in place (truncate, then write): a driver killed in between leaves it empty, and every
+later ``fit()`` of the run then fails in the controller ("Expecting value: line 1 column 1"). Before a run starts,
+:func:`repair_run_snapshot` sets such a snapshot aside (``.damaged-<time>``) and names the newest
+``checkpoint_*`` folder, which the workers resume from (verified, with the same fallback) when Ray hands them none.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry of a run's checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +161,35 @@ def latest_valid_checkpoint(checkpoint: Any = None) -> Iterator[str | None]:
     logger.warning("no intact checkpoint in %s (damaged: %s); training starts from step 0",
                    posixpath.dirname(checkpoint.path), ", ".join(bad))
     yield None
+
+
+def repair_run_snapshot(run: str) -> str | None:
+    """Set aside Ray Train's snapshot in the run folder ``run`` when it is not JSON; return the newest checkpoint.
+
+    Returns the URI of the newest ``checkpoint_*`` folder of the run when the snapshot was damaged (None when it
+    is intact, absent, or the run has no checkpoint folder), for the workers to resume from.
+    """
+    from cskd_ray.io import storage
+
+    snapshot = storage.join(run, SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    data = storage.read_bytes(snapshot)
+    try:
+        json.loads(data)
+        return None
+    except ValueError:
+        pass
+    aside = f"{snapshot}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage.write_bytes_once(aside, data, overwrite=True)
+    fs, path = storage.resolve(snapshot)
+    fs.delete_file(path)
+    _, folders = storage.list_top(run)
+    newest = max((f for f in folders if posixpath.basename(f).startswith("checkpoint_")), default=None)
+    logger.warning("Ray Train's checkpoint registry %s is damaged (%d bytes, not JSON; a run killed while writing "
+                   "it); set aside as %s; resuming from the newest checkpoint folder, %s", snapshot, len(data),
+                   posixpath.basename(aside), newest or "none: training starts from step 0")
+    return newest
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

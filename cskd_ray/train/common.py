@@ -22,6 +22,7 @@ from cskd_ray.train.checkpoints import (
     TrainState,
     latest_valid_checkpoint,
     load_checkpoint,
+    repair_run_snapshot,
     save_checkpoint,
     unwrap,
     write_manifest,
@@ -110,7 +111,7 @@ def run_worker_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision in ("auto", "fp16"))
     state = TrainState()
     history = TrainingHistory(loop_config.get("output"), enabled=ray.train.get_context().get_world_rank() == 0)
-    with latest_valid_checkpoint() as directory:  # verified against its manifest; damaged → the previous one
+    with latest_valid_checkpoint(_resume_point(loop_config)) as directory:  # verified; damaged → the previous one
         if directory is not None:
             state = load_checkpoint(directory, model, optimizer, scheduler)
             history.restore(directory, state.step)
@@ -152,6 +153,17 @@ def run_worker_loop(loop_config: dict) -> None:
     tracker.finish(ray.train.get_checkpoint())  # the last reported checkpoint
 
 
+def _resume_point(loop_config: dict) -> Any:
+    """The checkpoint Ray hands this worker; else the one named when Ray's registry was found damaged; else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        fs, path = storage.resolve(loop_config["resume_from"])
+        checkpoint = ray.train.Checkpoint(path, fs)
+    return checkpoint
+
+
 def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_factory: TaskFactory,
                   steps_per_epoch: int, dataset: Any, output: str, val_dataset: Any = None,
                   best_metric: str | None = None) -> Any:
@@ -167,10 +179,12 @@ def build_trainer(stage: str, stage_config: dict, trainer: TrainerConfig, task_f
 
     use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     fs, path = storage.resolve(output)
+    resume_from = repair_run_snapshot(storage.join(output, "train"))
     return TorchTrainer(
         train_worker_loop,  # a light module: the controller unpickles it without importing torch models
         train_loop_config={"task_factory": task_factory, "stage": stage_config, "trainer": trainer.model_dump(),
-                           "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None, "output": output},
+                           "steps_per_epoch": steps_per_epoch, "validate": val_dataset is not None, "output": output,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": trainer.cpus_per_worker},
                                      placement_strategy=trainer.placement_strategy),

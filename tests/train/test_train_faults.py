@@ -124,7 +124,7 @@ def _train_worker_pids() -> set[int]:
 
 
 def test_killed_worker_then_a_stopped_run_resume_past_a_damaged_checkpoint_to_the_same_weights(
-    feature_cache: str, straight, tmp_path: Path
+    feature_cache: str, straight, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two failures in one run's life, each recovered from a checkpoint, ending on the uninterrupted run's weights.
 
@@ -132,7 +132,8 @@ def test_killed_worker_then_a_stopped_run_resume_past_a_damaged_checkpoint_to_th
        there. The run stops after step 5 (checkpoints at 2, 4 and 5), as if its driver had been killed. Its history
        proves the kill landed mid-training: exactly one restart (``resumed_from`` k, 2 <= k < 5) and steps 1..5
        each once.
-    2. The latest checkpoint (step 5) is damaged, and the run is started again: it resumes from the newest intact
+    2. The latest checkpoint (step 5) is damaged, and so is Ray Train's checkpoint registry (empty, as a driver
+       killed while Ray rewrites it leaves it), and the run is started again: it resumes from the newest intact
        checkpoint (4, not 2: mid-epoch, so it skips the epoch's first batch) and ends at step 6, with steps 1..6
        each once.
 
@@ -167,7 +168,10 @@ def test_killed_worker_then_a_stopped_run_resume_past_a_damaged_checkpoint_to_th
     assert '"step": 5' in (latest / STATE_FILE).read_text() and '"step": 4' in (older / STATE_FILE).read_text()
     weights = latest / MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would raise
+    registered.write_bytes(b"")  # Ray Train's own registry, cut short mid-write: its controller could not start
     resumed = _align(feature_cache, output)
+    assert "checkpoint registry" in caplog.text and "is damaged" in caplog.text
+    assert list(registered.parent.glob("checkpoint_manager_snapshot.json.damaged-*"))
     assert resumed.steps == STEPS
     history = _history(output)
     assert [r["step"] for r in history] == list(range(1, STEPS + 1))
