@@ -1,12 +1,13 @@
-"""Killed processes: a model actor killed with SIGKILL mid-job, and a job's driver killed on a running cluster and
-rerun (the session's ``ray start --head``, as a user's job on a cluster).
+"""Killed processes: a model actor (table layout) and a read task (parts layout) killed with SIGKILL mid-job, and a
+parts-layout job's driver killed on a running cluster and rerun (the session's ``ray start --head``, as a user's job
+on a cluster).
 
-Both must end with one row per input, no duplicate, and (for the rerun) only the missing rows computed.
+All must end with one row per input, no duplicate, and (for the rerun) only the uncommitted parts computed. The table
+layout's rerun after lost shards is tested in tests/stages/test_score.py and test_features.py (partial runs).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -79,8 +80,7 @@ def _assert_every_input_once(stage: str, output: Path, images: Path) -> None:
     assert sorted(uris) == sorted(str(p) for p in images.iterdir()), "every input has its row"
 
 
-# One stage per kill: label's model actor here, the features driver below. Both passes run the same row_pipeline, so
-# each kill covers the other stage's recovery path too (an actor restart, a rerun that trusts the written shards).
+# label's model actor (table layout; features runs the same row_pipeline, so this covers its actor restart too).
 # The parts layout's read task is killed mid-part: Ray runs it again (had it handed rows on already, they would
 # arrive twice; the driver counts each row once and the commit keeps one copy).
 @pytest.mark.parametrize(("stage", "process", "layout"), [("label", "ScoreActor", "table"),
@@ -158,33 +158,6 @@ def _cli(
         text=True,
         start_new_session=True,
     )
-
-
-@pytest.mark.parametrize("stage", ["features"])
-def test_killed_driver_rerun_computes_only_the_missing_rows(
-    ray_head: RayHead, many_images: Path, model_dir: Path, tmp_path: Path, stage: str
-) -> None:
-    """SIGKILL the driver of a CLI job on a running cluster after a few shards (Ray then ends the job's workers and
-    actors), then rerun it to completion."""
-    output = tmp_path / stage
-    first = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
-    deadline = time.monotonic() + 240
-    while len(_shards(output)) < 2 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and any process it started
-    first.wait(timeout=30)
-    assert first.returncode == -signal.SIGKILL, "the job was still running when killed"
-    done_before = len(_table(stage, output))
-    assert 0 < done_before < 162
-    second = _cli(stage, many_images, output, model_dir, tmp_path, ray_head)
-    out, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, out[-3000:]
-    _assert_every_input_once(stage, output, many_images)
-    summary = next(line for line in out.splitlines() if line.startswith(f"{stage}: 162 images"))
-    assert f"{done_before} already" in summary and f"{162 - done_before} new rows" in summary, summary
-    if stage == "features":  # the run record says what was computed
-        record = json.loads(next((output / "_runs").iterdir()).read_text())["result"]
-        assert record["already_cached"] == done_before and record["new_rows"] == 162 - done_before
 
 
 def test_killed_driver_of_a_parts_pass_rerun_redoes_only_uncommitted_parts(
