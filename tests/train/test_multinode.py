@@ -3,8 +3,8 @@ each node with its own CPUs and object store).
 
 Checked: the features pass runs its actors on more than one node; a 2-worker Ray Train run (align,
 ``train.placement_strategy=STRICT_SPREAD``) puts its workers on two different nodes; the features table holds
-exactly one row per input (no duplicates, corrupt images as error rows) and the trained model is written; the parts
-layout's pass (label over a WebDataset tar, two actors on two nodes) commits every part, one row per tar member.
+exactly one row per input (no duplicates, corrupt images as error rows) and the trained model is written. Label and
+score run the same pass (``io/row_pipeline``) with another model actor, so they are not run again here.
 
 One process holds one Ray, and the test session's ``ray_session`` may already be up, so the cluster runs in a
 child process (this file run as a script); the test reads what it reports.
@@ -172,25 +172,6 @@ def run_cluster(work: Path) -> dict:
         report["align_steps"] = result.steps
         report["train_nodes"] = _actor_nodes(cluster.address, "RayTrainWorker")
         report["images"] = sorted(str(p) for p in (data / "images").iterdir())
-
-        # the parts layout: a WebDataset tar of the same images, pseudo-labelled in 6 parts by two actors
-        from sample_collections import write_webdataset_tar
-        from test_score import write_model_folder
-
-        from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
-        from cskd_ray.io.part_pass import committed_parts
-        from cskd_ray.stages.label import score_missing
-
-        files = sorted((data / "images").iterdir())
-        tar = write_webdataset_tar(work / "00000.tar", [(p.stem, ".jpg", p.read_bytes()) for p in files])
-        label = load_config("label", REPO / "jobs/configs/demo/label.yaml",
-                            [*pool, "part_rows=8", f"model={write_model_folder(work / 'model')}"],
-                            input_uris=[str(tar)], output_uri=str(work / "labels"))
-        score_missing(label, "label")
-        report["label_nodes"] = _actor_nodes(cluster.address, "MapWorker(MapBatches(ScoreActor))")
-        report["label_uris"] = ResultTable(label.output, LABEL_SCHEMA).read(["uri"]).column("uri").to_pylist()
-        report["label_parts"] = sorted(committed_parts(label.output))
-        report["tar_members"] = sorted(f"{tar}#{p.stem}.jpg" for p in files)
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     finally:
@@ -203,8 +184,7 @@ def run_cluster(work: Path) -> dict:
 @pytest.mark.timeout(900)  # ~2 min on an idle 2-core machine; far longer when other jobs load it
 def test_features_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Path) -> None:
     env = own_ray_env(tmp_path, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120",
-                      PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), str(TESTS / "stages"),
-                                                               os.environ.get("PYTHONPATH")])))
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, __file__, str(tmp_path)],
         env=env,
@@ -219,7 +199,7 @@ def test_features_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Pa
     print(f"multinode: cluster up in {report['cluster_seconds']} s, all done in {report['seconds']} s")
     nodes = set(report["nodes"])
     assert len(nodes) == 3 and set(report["worker_nodes"]) < nodes
-    for key in ("features_nodes", "train_nodes", "label_nodes"):
+    for key in ("features_nodes", "train_nodes"):
         assert set(report[key]) <= nodes, key
         assert len(set(report[key])) >= 2, f"{key}: every actor on one node: {report[key]}"
     assert len(report["train_nodes"]) == 2 and report["align_steps"] == 2
@@ -227,8 +207,6 @@ def test_features_and_train_spread_over_nodes_with_complete_outputs(tmp_path: Pa
     images = report["images"]
     assert sorted(report["features_uris"]) == images  # one row per input, duplicate-free, errors as rows
     assert 0 < report["features_errors"] < len(images)
-    assert sorted(report["label_uris"]) == report["tar_members"]  # parts layout: every member exactly once
-    assert report["label_parts"] == list(range(6))
 
 
 if __name__ == "__main__":
