@@ -42,10 +42,10 @@ import pyarrow.parquet as pq
 
 from cskd_ray.io import storage
 from cskd_ray.io.containers import read_parquet_images, read_ranges
-from cskd_ray.io.decode import decode_image
 from cskd_ray.io.fetch import read_many
 from cskd_ray.io.parts import PartsPlan, read_part
-from cskd_ray.io.transforms import PreprocessSpec, resize_crop
+from cskd_ray.io.read_tasks import decode_rows, hash_reads
+from cskd_ray.io.transforms import PreprocessSpec
 
 COMMITS = "_commits"
 ATTEMPTS = "_attempts"
@@ -122,7 +122,6 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
     ``error`` (``""`` when fine), ``deferred`` and ``rep`` (the row computing this content). No input raises.
     """
     preprocess = PreprocessSpec.from_dict(spec)
-    size = preprocess.image_size
     for part in batch["part"]:
         rows = read_part(plan, int(part))
         first_row: dict[str, int] = {}
@@ -130,25 +129,16 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
         for lo in range(0, len(rows), chunk_rows):
             chunk = rows.slice(lo, chunk_rows)
             n = len(chunk)
-            digests, errors = [""] * n, [""] * n
-            rep = np.arange(lo, lo + n, dtype=np.int32)
-            pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-            for i, data in enumerate(read_inputs(chunk, plan, read_threads, row_groups)):
-                if isinstance(data, Exception):
-                    errors[i] = f"read error: {data}"
-                    continue
-                digests[i] = hashlib.sha256(data).hexdigest()
-                rep[i] = first_row.setdefault(digests[i], lo + i)
-                if rep[i] != lo + i:
-                    continue
-                decoded = decode_image(data, max_pixels, draft_size=size)
-                if decoded.ok:
-                    pixels[i] = resize_crop(decoded.image, preprocess)
-                errors[i] = decoded.error or ""
-            yield {"part": np.full(n, int(part), dtype=np.int32), "row": np.arange(lo, lo + n, dtype=np.int32),
+            contents, digests, errors = hash_reads(read_inputs(chunk, plan, read_threads, row_groups))
+            rep = np.array([first_row.setdefault(d, lo + i) if d else lo + i for i, d in enumerate(digests)],
+                           dtype=np.int32)
+            own = np.arange(lo, lo + n, dtype=np.int32)
+            pixels = decode_rows(contents, [i for i in range(n) if digests[i] and rep[i] == own[i]], errors,
+                                 preprocess, max_pixels)
+            yield {"part": np.full(n, int(part), dtype=np.int32), "row": own,
                    "uri": np.array(chunk.column("uri").to_pylist(), dtype=str),
                    "sha256": np.array(digests, dtype=str), "pixels": pixels, "error": np.array(errors, dtype=str),
-                   "deferred": rep != np.arange(lo, lo + n), "rep": rep}
+                   "deferred": rep != own, "rep": rep}
 
 
 def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:

@@ -54,6 +54,35 @@ class ContentRegistry:
         return [self.owner.setdefault(digest, row) == row for digest, row in zip(digests, rows, strict=True)]
 
 
+def hash_reads(reads: list[bytes | Exception]) -> tuple[list[bytes | None], list[str], list[str]]:
+    """Each read's bytes (None if it failed), sha256 (``""`` if it failed) and error (``read error: ...`` or ``""``)."""
+    contents: list[bytes | None] = []
+    digests, errors = [""] * len(reads), [""] * len(reads)
+    for i, data in enumerate(reads):
+        if isinstance(data, Exception):
+            data, errors[i] = None, f"read error: {data}"
+        else:
+            digests[i] = hashlib.sha256(data).hexdigest()
+        contents.append(data)
+    return contents, digests, errors
+
+
+def decode_rows(contents: list[bytes | None], rows: list[int], errors: list[str], preprocess: PreprocessSpec,
+                max_pixels: int) -> np.ndarray:
+    """Decode and resize/crop ``contents[i]`` for each ``i`` in ``rows``; the others stay black.
+
+    Returns the (N, S, S, 3) uint8 pixels; a row that does not decode gets its error in ``errors``.
+    """
+    size = preprocess.image_size
+    pixels = np.zeros((len(contents), size, size, 3), dtype=np.uint8)
+    for i in rows:
+        decoded = decode_image(contents[i], max_pixels, draft_size=size)
+        if decoded.ok:
+            pixels[i] = resize_crop(decoded.image, preprocess)
+        errors[i] = decoded.error or ""
+    return pixels
+
+
 def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int, registry: Any,
                       read_threads: int = 1) -> dict:
     """Ray Data task: read, hash, claim, decode and resize/crop a batch of ``uri`` rows with their ``row`` ids.
@@ -68,31 +97,15 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
     import ray
 
     preprocess = PreprocessSpec.from_dict(spec)
-    size, n = preprocess.image_size, len(batch["uri"])
     uris = [str(u) for u in batch["uri"]]
-    contents: list[bytes | None] = []
-    digests, errors = [""] * n, [""] * n
-    for i, data in enumerate(read_many(uris, read_threads, storage.read_bytes)):
-        if isinstance(data, Exception):
-            data, errors[i] = None, f"read error: {data}"
-        else:
-            digests[i] = hashlib.sha256(data).hexdigest()
-        contents.append(data)
-    readable = [i for i in range(n) if digests[i]]
+    contents, digests, errors = hash_reads(read_many(uris, read_threads, storage.read_bytes))
+    readable = [i for i in range(len(uris)) if digests[i]]
     rows = [int(r) for r in batch["row"]]
     claimed = ray.get(registry.claim.remote([digests[i] for i in readable], [rows[i] for i in readable])) \
         if readable else []
-    deferred = np.zeros(n, dtype=bool)
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    for i, is_new in zip(readable, claimed, strict=True):
-        if not is_new:
-            deferred[i] = True
-            continue
-        decoded = decode_image(contents[i], max_pixels, draft_size=size)
-        if decoded.ok:
-            pixels[i] = resize_crop(decoded.image, preprocess)
-        errors[i] = decoded.error or ""
+    deferred = np.zeros(len(uris), dtype=bool)
+    deferred[[i for i, is_new in zip(readable, claimed, strict=True) if not is_new]] = True
+    computed = [i for i, is_new in zip(readable, claimed, strict=True) if is_new]
+    pixels = decode_rows(contents, computed, errors, preprocess, max_pixels)
     return {"uri": np.array(uris, dtype=str), "sha256": np.array(digests, dtype=str), "pixels": pixels,
             "error": np.array(errors, dtype=str), "deferred": deferred}
-
-
