@@ -29,10 +29,10 @@ import csv
 import hashlib
 import io
 import json
-import posixpath
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,8 +42,7 @@ import pyarrow.parquet as pq
 
 from cskd_ray.io import storage
 from cskd_ray.io.containers import ContainerError, index_image_parquet, index_tar
-from cskd_ray.io.fetch import is_url
-from cskd_ray.io.sources import URI_COLUMNS, SourceConfig, SourceError
+from cskd_ray.io.sources import URI_COLUMNS, SourceConfig, SourceError, manifest_folder, resolve_entry
 
 PLAN_FOLDER = "_parts"
 PLAN_FILE = "plan.json"
@@ -230,16 +229,17 @@ def _manifest_table(uri: str) -> pa.Table:
         table = table.drop([c for c in URI_COLUMNS if c in table.column_names and c != column])
         table = table.rename_columns(["uri" if c == column else c for c in table.column_names])
         table = table.filter(pc.is_valid(table.column("uri")))
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-
-    def absolute(value: str) -> str:
-        value = value.strip()
-        if storage.is_remote(value) or is_url(value) or posixpath.isabs(value) or value.startswith("file://"):
-            return value
-        return storage.join(base, value)
-
-    uris = pa.array([absolute(str(v)) for v in table.column("uri").to_pylist()], pa.string())
+    base = manifest_folder(uri)
+    uris = pa.array([resolve_entry(base, str(v)) for v in table.column("uri").to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index("uri"), "uri", uris)
+
+
+def _index(uris: list[str], container: str | None = None, offsets: Any = None, sizes: Any = None) -> pa.Table:
+    """The index columns of a unit's rows (``container``, ``offset`` and ``size`` null for plain files)."""
+    n = len(uris)
+    return pa.table({"uri": pa.array(uris, pa.string()), "container": pa.array([container] * n, pa.string()),
+                     "offset": pa.array(offsets if offsets is not None else [None] * n, pa.int64()),
+                     "size": pa.array(sizes if sizes is not None else [None] * n, pa.int64())})
 
 
 def index_unit(unit: Unit, source: SourceConfig, id_column: str | None,
@@ -255,22 +255,18 @@ def index_unit(unit: Unit, source: SourceConfig, id_column: str | None,
     try:
         if unit.kind == "tar":
             found = index_tar(unit.uri)
-            table = pa.table({"uri": [f"{unit.uri}#{m}" for m in found.column("member").to_pylist()],
-                              "container": pa.array([unit.uri] * len(found), pa.string()),
-                              "offset": found.column("offset"), "size": found.column("size")})
+            table = _index([f"{unit.uri}#{m}" for m in found.column("member").to_pylist()], unit.uri,
+                           found.column("offset").to_pylist(), found.column("size").to_pylist())
             extra = found.select(list(TAR_COLUMNS))
         elif unit.kind == "image_parquet":
             wanted = [*([id_column] if id_column else []), *columns]
             found = index_image_parquet(unit.uri, unit.image_column, wanted)
             image_column, rows = found.image_column, found.rows
-            table = pa.table({"uri": [f"{unit.uri}#{i}" for i in range(rows)],
-                              "container": pa.array([unit.uri] * rows, pa.string()),
-                              "offset": pa.array(range(rows), pa.int64()), "size": pa.array([0] * rows, pa.int64())})
+            table = _index([f"{unit.uri}#{i}" for i in range(rows)], unit.uri, range(rows), [0] * rows)
             extra = pa.table(found.columns) if found.columns else pa.table({"_row": pa.array(range(rows))})
         elif unit.kind == "manifest":
             found = _manifest_table(unit.uri)
-            table = pa.table({"uri": found.column("uri"), "container": pa.nulls(len(found), pa.string()),
-                              "offset": pa.nulls(len(found), pa.int64()), "size": pa.nulls(len(found), pa.int64())})
+            table = _index(found.column("uri").to_pylist())
             extra = found.drop(["uri"])
         else:
             suffixes = tuple(source.suffixes) if source.suffixes else None
@@ -281,8 +277,7 @@ def index_unit(unit: Unit, source: SourceConfig, id_column: str | None,
                     uris = [e.uri for e in storage.list_files(unit.uri, suffixes)]
             except storage.StorageError as exc:
                 raise SourceError(f"input {source.uri}: {exc}") from exc
-            table = pa.table({"uri": pa.array(uris, pa.string()), "container": pa.nulls(len(uris), pa.string()),
-                              "offset": pa.nulls(len(uris), pa.int64()), "size": pa.nulls(len(uris), pa.int64())})
+            table = _index(uris)
             extra = pa.table({"uri": table.column("uri")})  # a listing's only column
     except ContainerError as exc:
         raise SourceError(f"input {source.uri}: {exc}") from None

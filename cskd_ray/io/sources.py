@@ -94,16 +94,22 @@ def read_manifest(uri: str) -> list[str]:
         data = storage.read_bytes(uri)
     except storage.StorageError as exc:
         raise SourceError(f"manifest {uri}: {exc}") from exc
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    uris = []
-    for value in _manifest_values(uri, data):
-        if value is None or not str(value).strip():
-            continue
-        value = str(value).strip()
-        absolute = (storage.is_remote(value) or is_url(value) or posixpath.isabs(value)
-                    or value.startswith("file://"))
-        uris.append(value if absolute else storage.join(base, value))
-    return uris
+    base = manifest_folder(uri)
+    return [resolve_entry(base, str(value)) for value in _manifest_values(uri, data)
+            if value is not None and str(value).strip()]
+
+
+def manifest_folder(uri: str) -> str:
+    """The folder a manifest's relative entries are resolved against."""
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def resolve_entry(base: str, value: str) -> str:
+    """A manifest entry as a URI: paths, s3:// URIs and http(s) URLs as given, relative paths under ``base``."""
+    value = value.strip()
+    if storage.is_remote(value) or is_url(value) or posixpath.isabs(value) or value.startswith("file://"):
+        return value
+    return storage.join(base, value)
 
 
 def list_source(source: SourceConfig) -> list[str]:
