@@ -19,6 +19,7 @@ Both index functions return one row per input with ``member`` (a name that locat
 from __future__ import annotations
 
 import bisect
+import itertools
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,38 +207,44 @@ def read_parquet_images(uri: str, column: str, rows: Sequence[int],
     """The image bytes of the given rows (row indices of the file), in the order given; None where null.
 
     Only the row groups holding these rows are read, and only the image column. With ``cache`` (a dict the caller
-    keeps between calls), the last row group read of each file is kept, so consecutive small batches of one
-    row group read it once.
+    keeps between calls), the last row group read of each file is kept with the file's row-group bounds, so
+    consecutive small batches of one row group read it once and do not open the file again.
 
     Raises:
         storage.StorageError: The file cannot be opened or read.
     """
     def read() -> list[bytes | None]:
-        parquet, handle = _open_parquet(uri)
-        with handle:
-            meta = parquet.metadata
-            starts, total = [], 0
-            for g in range(meta.num_row_groups):
-                starts.append(total)
-                total += meta.row_group(g).num_rows
-            bounds = starts + [total]
-            groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
+        kept = next(((k, v) for k, v in (cache or {}).items() if k[:2] == (uri, column)), None)
+        bounds, group, col = (kept[1][0], kept[0][2], kept[1][1]) if kept else (None, -1, None)
+        opened: list = []  # the file, once it must be read
+
+        def parquet() -> pq.ParquetFile:
+            if not opened:
+                opened.extend(_open_parquet(uri))
+            return opened[0]
+
+        try:
+            if bounds is None:
+                meta = parquet().metadata
+                bounds = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+                                                   initial=0))
             values: dict[int, bytes | None] = {}
-            for g in groups:
-                key = (uri, column, g)
-                col = cache.get(key) if cache is not None else None
-                if col is None:
-                    col = parquet.read_row_group(g, columns=[column]).column(0)
+            for g in sorted({bisect.bisect_right(bounds, r) - 1 for r in rows}):
+                if g != group:
+                    group, col = g, parquet().read_row_group(g, columns=[column]).column(0)
                     if pa.types.is_struct(col.type):
                         col = pc.struct_field(col, "bytes")
-                    if cache is not None:
-                        for old in [k for k in cache if k[:2] == (uri, column)]:
-                            del cache[old]
-                        cache[key] = col
-                wanted = [r for r in rows if bounds[g] <= r < bounds[g + 1]]
-                for r in wanted:
-                    values[r] = col[r - bounds[g]].as_py()
-            return [values[r] for r in rows]
+                for r in rows:
+                    if bounds[g] <= r < bounds[g + 1]:
+                        values[r] = col[r - bounds[g]].as_py()
+        finally:
+            if opened:
+                opened[1].close()
+        if cache is not None:
+            if kept:
+                del cache[kept[0]]
+            cache[(uri, column, group)] = (bounds, col)
+        return [values[r] for r in rows]
 
     try:
         return storage.retry_io(read, uri)
