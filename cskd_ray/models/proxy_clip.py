@@ -19,12 +19,13 @@ The probe reads the unit vector, so the knowledge lives in the embedding's direc
 alignment sees), and the second term (γ = 1) keeps the batch mean direction small, so embeddings of
 different images are not all nearly parallel (a random tower's are: cosine about 0.99).
 
-The build is deterministic (fixed seeds, ``torch.use_deterministic_algorithms``, one CPU thread). The
-weights are not in the repository: they are built on first use (about 2 min on 2 cores; ``make setup`` does
-it) into ``$CSKD_RAY_CACHE/proxy/cskd-proxy-rn.safetensors`` (default ``~/.cache/cskd_ray``), and their
-sha256, recorded in ``weights/cskd-proxy-rn.json``, is verified on every load (:func:`proxy_weights_path`).
-``python -m cskd_ray.models.proxy_clip --ensure`` builds them if missing; ``--record`` rebuilds them and
-re-records the sha256.
+The build is deterministic on one kind of CPU (fixed seeds, ``torch.use_deterministic_algorithms``, one CPU
+thread), but not across kinds: torch's float kernels differ with the vector instructions a CPU has (AVX2,
+AVX-512, AMX), so a rebuild on another machine gives other bits. The built file (5.3 MB) is therefore shipped in
+the repository, ``weights/cskd-proxy-rn.safetensors``, and its sha256, recorded in ``weights/cskd-proxy-rn.json``
+with the build's configuration and summary, is verified on every load (:func:`proxy_weights_path`).
+``python -m cskd_ray.models.proxy_clip --record`` rebuilds it (about 2 min on 2 cores) and re-records the sha256;
+``--ensure`` verifies it (and builds it into ``$CSKD_RAY_CACHE/proxy`` when the shipped file was removed).
 """
 
 from __future__ import annotations
@@ -250,7 +251,9 @@ def proxy_weights_path(name: str = PROXY_NAME) -> Path:
     if name != PROXY_NAME:
         raise WeightsUnavailableError(f"pretrained {PROXY_TAG!r} exists only for {PROXY_NAME}, not {name!r}")
     record = read_record()
-    path = cache_path(record["file"])
+    path = WEIGHTS_DIR / record["file"]
+    if not path.is_file():  # not shipped (an installed copy without it): built into the cache
+        path = cache_path(record["file"])
     if not path.is_file():
         weights, _ = build_proxy(ProxyBuildConfig(**record["build"]))
         save_weights(weights, path)
@@ -258,9 +261,21 @@ def proxy_weights_path(name: str = PROXY_NAME) -> Path:
     if digest != record["sha256"]:
         raise WeightsUnavailableError(
             f"proxy CLIP weights {path} have sha256 {digest}, but {RECORD_PATH.name} records {record['sha256']}; "
-            "delete the file to rebuild it, or re-record with `python -m cskd_ray.models.proxy_clip --record` (and "
-            f"commit {RECORD_PATH.name})")
+            "a rebuild on another kind of CPU gives other bits (the shipped file is the reference); restore it with "
+            "git, or re-record with `python -m cskd_ray.models.proxy_clip --record` (and commit both files)")
     return path
+
+
+def cpu_summary() -> str:
+    """The CPU's model name and the vector instruction sets torch's kernels dispatch on (they decide the bits)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    present = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(present) or 'no AVX2'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the demo's proxy CLIP (deterministic, CPU).")
     parser.add_argument("--output", help="where to write the safetensors file (default: print the sha256 only)")
     parser.add_argument("--record", action="store_true",
-                        help=f"build into the cache and write the record {WEIGHTS_DIR.name}/{RECORD_PATH.name}")
-    parser.add_argument("--ensure", action="store_true", help="build the recorded weights into the cache if "
-                        "missing, verify their sha256, print the path")
+                        help=f"build into {WEIGHTS_DIR.name}/ and write its record {RECORD_PATH.name} there")
+    parser.add_argument("--ensure", action="store_true", help="verify the shipped weights' sha256 (build them "
+                        "into the cache if the shipped file is missing), print the path")
     parser.add_argument("--num-images", type=int, default=ProxyBuildConfig.num_images)
     parser.add_argument("--epochs", type=int, default=ProxyBuildConfig.epochs)
     args = parser.parse_args(argv)
@@ -279,14 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = ProxyBuildConfig(num_images=args.num_images, epochs=args.epochs)
     weights, summary = build_proxy(cfg)
-    output = cache_path(f"{PROXY_NAME}.safetensors") if args.record else Path(args.output or "/dev/null")
+    output = WEIGHTS_DIR / f"{PROXY_NAME}.safetensors" if args.record else Path(args.output or "/dev/null")
     digest = save_weights(weights, output) if (args.record or args.output) else None
     print(json.dumps({"sha256": digest, **summary}, indent=2))
     if args.record:
         record = {"model": PROXY_NAME, "file": output.name, "sha256": digest, "build": asdict(cfg),
                   "command": "python -m cskd_ray.models.proxy_clip --record", "targets": list(TARGET_NAMES),
-                  "summary": summary, "note": "a proxy trained on the demo generator's latent properties, "
-                                              "not OpenAI's CLIP; it knows only the demo world"}
+                  "summary": summary, "built_on": cpu_summary(),
+                  "note": "a proxy trained on the demo generator's latent properties, not OpenAI's CLIP; it knows "
+                          "only the demo world"}
         RECORD_PATH.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
