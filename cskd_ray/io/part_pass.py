@@ -11,16 +11,20 @@ Per pending part (one with no commit marker), all in Ray tasks and actors:
    returns only ``(part, file, rows)``;
 4. when the driver has been told of all rows of a part, a commit task joins the part's rows to its plan rows
    (the id and pass-through columns), fills deferred rows from their ``rep``, writes ``OUTPUT/part-<p>.parquet``
-   (a deterministic name, overwritten by a redo) and then the marker ``OUTPUT/_commits/part-<p>.json`` (rows,
-   errors, file size and sha256), and deletes the attempt's files.
+   (a deterministic name, overwritten by a redo), its keys ``OUTPUT/_digests/part-<p>.parquet``, and then the marker
+   ``OUTPUT/_commits/part-<p>.json`` (rows, errors, rows computed and copied, file size and sha256), and deletes
+   the attempt's files.
 
 The driver holds part ids, per-part file lists of the parts in flight and counters: nothing per row. Readers
 (:class:`cskd_ray.io.feature_cache.ResultTable`) list ``part-*.parquet``; a part file exists only complete (written
 atomically), and a rerun redoes exactly the parts without a marker. Files of an attempt that died are never
 read (the commit reads only the files the driver was told of) and are left under ``_attempts``.
 
-Not done here (the table layout does it): identical content in *different* parts, or already in the output, is
-computed again; each part is computed once per run, and each content once per part.
+Identical content is computed once per output: within a part by the read task itself, across parts and across runs
+through the content index (:mod:`cskd_ray.io.content_index`, range-partitioned actors; no global set anywhere).
+A row whose content another part computes is not decoded; its commit copies that part's result, from the part's
+attempt files while it is in flight or its committed table. Each committed part also writes its contents' keys
+to ``_digests/part-<p>.parquet`` (before its marker), which the next run's index loads.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ import pyarrow.parquet as pq
 
 from cskd_ray.io import storage
 from cskd_ray.io.containers import read_parquet_images, read_ranges
+from cskd_ray.io.content_index import (
+    NO_SOURCE,
+    ContentIndexShard,
+    claim_rows,
+    shards_for,
+    split_locator,
+    write_part_digests,
+)
 from cskd_ray.io.fetch import read_many
 from cskd_ray.io.parts import PartsPlan, read_part
 from cskd_ray.io.read_tasks import decode_rows, hash_reads
@@ -49,7 +61,7 @@ from cskd_ray.io.transforms import PreprocessSpec
 
 COMMITS = "_commits"
 ATTEMPTS = "_attempts"
-CARRIED = ("part", "row", "rep")  # columns the model actors pass through
+CARRIED = ("part", "row", "src", "rep")  # columns the model actors pass through
 BLOCK_BYTES = 32 << 20  # the table layout's bound on a read task's output block, too
 
 
@@ -115,15 +127,19 @@ def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int, cache: dict | Non
 
 
 def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict, max_pixels: int, read_threads: int,
-                      chunk_rows: int) -> Iterator[dict]:
+                      chunk_rows: int, index: list | None = None) -> Iterator[dict]:
     """Ray Data task: for each part id of the batch, yield its rows in chunks of ``chunk_rows``, read and decoded.
 
     Yields columns ``part``, ``row``, ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8,
-    ``error`` (``""`` when fine), ``deferred`` and ``rep`` (the row computing this content). No input raises.
+    ``error`` (``""`` when fine), ``deferred``, and ``src``/``rep``: the part and row computing this content (the
+    row itself when it is not deferred). A content met earlier in the part is deferred to its first row there;
+    with an ``index`` (:class:`cskd_ray.io.content_index.ContentIndexShard` handles), a content another part
+    computes, in this run or a committed one, is deferred to that part's row and not decoded. No input raises.
     """
     preprocess = PreprocessSpec.from_dict(spec)
     for part in batch["part"]:
-        rows = read_part(plan, int(part))
+        part = int(part)
+        rows = read_part(plan, part)
         first_row: dict[str, int] = {}
         row_groups: dict = {}
         for lo in range(0, len(rows), chunk_rows):
@@ -133,21 +149,28 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
             rep = np.array([first_row.setdefault(d, lo + i) if d else lo + i for i, d in enumerate(digests)],
                            dtype=np.int32)
             own = np.arange(lo, lo + n, dtype=np.int32)
-            pixels = decode_rows(contents, [i for i in range(n) if digests[i] and rep[i] == own[i]], errors,
-                                 preprocess, max_pixels)
-            yield {"part": np.full(n, int(part), dtype=np.int32), "row": own,
+            src = np.full(n, part, dtype=np.int32)
+            firsts = [i for i in range(n) if digests[i] and rep[i] == own[i]]
+            if index and firsts:
+                sources = claim_rows(index, part, [lo + i for i in firsts], [digests[i] for i in firsts])
+                for i, source in zip(firsts, sources, strict=True):
+                    if source != NO_SOURCE:
+                        src[i], rep[i] = split_locator(source)
+                firsts = [i for i in firsts if src[i] == part and rep[i] == own[i]]
+            pixels = decode_rows(contents, firsts, errors, preprocess, max_pixels)
+            yield {"part": np.full(n, part, dtype=np.int32), "row": own,
                    "uri": np.array(chunk.column("uri").to_pylist(), dtype=str),
                    "sha256": np.array(digests, dtype=str), "pixels": pixels, "error": np.array(errors, dtype=str),
-                   "deferred": rep != own, "rep": rep}
+                   "deferred": (rep != own) | (src != part), "src": src, "rep": rep}
 
 
 def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
-    """Ray Data task: write the block's rows of each part under ``_attempts``; return ``part, file, rows``.
+    """Ray Data task: write the block's rows of each part under ``_attempts``; return ``part, file, rows, sources``.
 
     ``rows`` lists the row ids written (the driver marks them off per part: a row delivered twice, by a retried
-    task, is counted once).
+    task, is counted once); ``sources`` the other parts whose rows compute some of these rows' contents.
     """
-    parts, files, written = [], [], []
+    parts, files, written, sources = [], [], [], []
     for part in pc.unique(batch.column("part")).to_pylist():
         rows = batch.filter(pc.equal(batch.column("part"), part))
         sink = io.BytesIO()
@@ -157,16 +180,40 @@ def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
         parts.append(part)
         files.append(uri)
         written.append(rows.column("row").combine_chunks())
+        sources.append([p for p in pc.unique(rows.column("src")).to_pylist() if p != part])
     return pa.table({"part": pa.array(parts, pa.int32()), "file": pa.array(files, pa.string()),
-                     "rows": pa.array([r.to_pylist() for r in written], pa.list_(pa.int32()))})
+                     "rows": pa.array([r.to_pylist() for r in written], pa.list_(pa.int32())),
+                     "sources": pa.array(sources, pa.list_(pa.int32()))})
+
+
+def read_source_part(output: str, part: int, files: list[str] | None, names: list[str]) -> pa.Table:
+    """Columns ``names`` of every row of ``part``, in row order.
+
+    Read from its attempt files while it is not committed (``files``), else (or when its commit has meanwhile
+    replaced them) from its committed table.
+    """
+    if files is not None:
+        try:
+            table = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=[*names, "row"])
+                                      for f in files]).sort_by("row")
+            rows = table.column("row").to_numpy()
+            keep = np.concatenate([[True], rows[1:] != rows[:-1]])
+            return table.filter(pa.array(keep)).select(names)
+        except storage.StorageError:  # committed meanwhile? Its commit writes the table before deleting these
+            if not storage.exists(part_file(output, part)):
+                raise
+    fs, path = storage.resolve(part_file(output, part))
+    return pq.read_table(path, filesystem=fs, columns=names)
 
 
 def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], result_schema: pa.Schema,
-                summarize: Callable[[pa.Table], dict] | None = None) -> dict:
-    """Ray task: assemble the part's table from its chunk files and plan rows, write it, then its marker.
+                summarize: Callable[[pa.Table], dict] | None = None,
+                sources: dict[int, list[str] | None] | None = None) -> dict:
+    """Ray task: assemble the part's table from its chunk files and plan rows, write it, its digests, its marker.
 
     ``summarize`` (the stage's, e.g. score's counts and histogram) is stored in the marker as ``summary``, so
-    a summary of the whole output is a merge of the markers', not a read of every row.
+    a summary of the whole output is a merge of the markers', not a read of every row. ``sources`` gives, for each
+    other part computing some of this part's contents, its attempt files (``None``: read its committed table).
 
     Raises:
         RuntimeError: The chunks do not hold each row of the part exactly once (nothing is committed).
@@ -183,8 +230,8 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     if chunks.column("row").to_pylist() != list(range(expected)):
         raise RuntimeError(f"part {part}: the attempt's files hold {len(chunks)} rows, not rows 0..{expected - 1} "
                            "once each; nothing committed (a rerun redoes the part)")
-    source = pc.if_else(chunks.column("deferred"), chunks.column("rep"), chunks.column("row"))
-    results = chunks.take(source.cast(pa.int64()))
+    names = [f.name for f in result_schema if f.name != "uri"]
+    results = _resolve_results(output, part, chunks, names, sources or {})
     planned = read_part(plan, part)
     columns = {"uri": planned.column("uri")}
     for f in result_schema:
@@ -198,9 +245,16 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(len(table), 8192)))
     data = sink.getvalue()
     storage.write_bytes_once(part_file(output, part), data, overwrite=True)
+    computed = pc.and_(pc.invert(chunks.column("deferred")), pc.is_valid(chunks.column("sha256")))
+    # every content of the part, at its first row (computed here or copied from another part: both hold the result)
+    first = pc.or_(pc.not_equal(chunks.column("src"), part), pc.equal(chunks.column("rep"), chunks.column("row")))
+    write_part_digests(output, part, pc.filter(chunks.column("sha256"), first).to_pylist(),
+                       pc.filter(chunks.column("row"), first).to_pylist())
+    reused = int(pc.sum(pc.not_equal(chunks.column("src"), part)).as_py() or 0)
     marker = {"part": part, "plan": plan.digest, "rows": len(table),
               "errors": len(table) - table.column("error").null_count,
-              "deduplicated": int(pc.sum(chunks.column("deferred")).as_py() or 0),
+              "computed": int(pc.sum(computed).as_py() or 0),
+              "deduplicated": int(pc.sum(chunks.column("deferred")).as_py() or 0), "from_other_parts": reused,
               "file": part_file(output, part).rsplit("/", 1)[-1], "bytes": len(data),
               "sha256": hashlib.sha256(data).hexdigest()}
     if summarize is not None:
@@ -208,6 +262,33 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     storage.write_text_once(marker_uri(output, part), json.dumps(marker), overwrite=True)
     delete_quietly(files)
     return marker
+
+
+def _resolve_results(output: str, part: int, chunks: pa.Table, names: list[str],
+                     sources: dict[int, list[str] | None]) -> pa.Table:
+    """Columns ``names`` of each row of ``chunks`` (sorted by row, one each), resolved to computed results.
+
+    A row's result is its own, or that of the row computing its content: in this part (``rep``) or in another
+    (``src``, ``rep``).
+    """
+    src = chunks.column("src").to_numpy()
+    rep = chunks.column("rep").to_numpy().astype(np.int64)
+    pool = [chunks.select(names)]
+    take = np.arange(len(chunks), dtype=np.int64)
+    offset = len(chunks)
+    for other in sorted(set(src.tolist()) - {part}):
+        if other not in sources:
+            raise RuntimeError(f"part {part}: rows copy part {other}'s results, which the commit was not given")
+        table = read_source_part(output, other, sources[other], names)
+        here = np.flatnonzero(src == other)
+        if rep[here].max() >= len(table):
+            raise RuntimeError(f"part {part}: part {other} has {len(table)} rows, not row {rep[here].max()}")
+        take[here] = offset + rep[here]
+        pool.append(table.select(names).cast(pool[0].schema))
+        offset += len(table)
+    inside = np.flatnonzero((src == part) & (rep != np.arange(len(chunks))))
+    take[inside] = take[rep[inside]]  # a first row of the part is never deferred inside it: its entry is final
+    return pa.concat_tables(pool).take(pa.array(take))
 
 
 def delete_quietly(uris: list[str]) -> None:
@@ -268,11 +349,17 @@ class _Progress:
 
 def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess: PreprocessSpec, actor_cls: type,
               actor_kwargs: dict, options: Any, stage: str, progress: Callable[[str], None],
-              summarize: Callable[[pa.Table], dict] | None = None) -> PartsRunResult:
+              summarize: Callable[[pa.Table], dict] | None = None, index_shards: int | None = None) -> PartsRunResult:
     """Compute and commit every part of ``plan`` that ``output`` has no marker for. Ray must be initialised.
 
     ``options`` is a :class:`cskd_ray.io.row_pipeline.PipelineOptions`; ``summarize`` goes to
-    :func:`commit_part`.
+    :func:`commit_part`. Content is computed once across parts and runs through ``index_shards`` content-index
+    actors (default :func:`cskd_ray.io.content_index.shards_for` the plan's rows; 0 turns the index off: each
+    content is then computed once per part).
+
+    A part whose rows copy another part's results is committed once that part's rows are all written (from its
+    attempt files, or its table once committed); it never waits for the other part's *commit*, so two parts that
+    copy from each other cannot wait on each other.
 
     Raises:
         RuntimeError: A part could not be committed (its error says why; a rerun redoes it).
@@ -292,10 +379,14 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     gpus = options.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    shards = shards_for(plan.rows) if index_shards is None else index_shards
+    index_actor = ray.remote(num_cpus=0, max_restarts=0)(ContentIndexShard)
+    index = [index_actor.remote(output, sorted(done), k, shards) for k in range(shards)]
     ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=min(len(pending), 1024))
     ds = ds.map_batches(read_part_batches, batch_size=1, batch_format="numpy", num_cpus=options.decode_num_cpus,
                         fn_kwargs={"plan": plan, "spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
-                                   "read_threads": options.read_threads, "chunk_rows": options.decode_batch_size})
+                                   "read_threads": options.read_threads, "chunk_rows": options.decode_batch_size,
+                                   "index": index})
     ds = ds.map_batches(
         actor_cls, batch_size=options.batch_size, batch_format="numpy",
         fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},
@@ -314,6 +405,10 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     plan_ref = ray.put(plan)  # shipped once, not with every commit
     files: dict[int, list[str]] = {}
     seen: dict[int, np.ndarray] = {}  # per part in flight: which of its rows were written (a bitmap, not rows)
+    needs: dict[int, set[int]] = {}  # per part in flight: the other parts computing some of its contents
+    written: dict[int, list[str]] = {}  # parts whose rows are all written: their attempt files, until committed
+    waiting: list[int] = []  # parts written, whose commit waits for a source part's rows
+    committed = set(done)
     in_flight: dict = {}  # commit ref -> part
     failed: dict[int, str] = {}
     meter = _Progress(stage, total_new, len(pending), progress)
@@ -326,6 +421,8 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             except ray.exceptions.RayError as exc:  # one part failing does not stop the others
                 failed[part] = str(getattr(exc, "cause", None) or exc).splitlines()[0]
                 continue
+            committed.add(part)
+            written.pop(part, None)
             meter.parts += 1
             meter.errors += marker["errors"]
             result.errors += marker["errors"]
@@ -333,20 +430,46 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             result.new_rows += marker["rows"]
             result.parts_run += 1
 
+    def start_commits() -> None:
+        for part in list(waiting):
+            sources = needs.get(part, set())
+            lost = sorted(p for p in sources if p in failed)
+            if lost:
+                waiting.remove(part)
+                failed[part] = f"copies results of part {lost[0]}, which was not committed"
+            elif all(p in committed or p in written for p in sources):
+                waiting.remove(part)
+                given = {p: written.get(p) for p in sources}  # None: read the committed table
+                in_flight[commit.remote(output, plan_ref, part, written[part], result_schema, summarize,
+                                        given)] = part
+                needs.pop(part, None)
+
     for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         parts, names = stats.column("part").to_pylist(), stats.column("file").to_pylist()
-        for part, file, rows in zip(parts, names, stats.column("rows").to_numpy(zero_copy_only=False), strict=True):
+        for part, file, rows, sources in zip(parts, names, stats.column("rows").to_numpy(zero_copy_only=False),
+                                             stats.column("sources").to_pylist(), strict=True):
             files.setdefault(part, []).append(file)
+            if sources:
+                needs.setdefault(part, set()).update(sources)
             marks = seen.setdefault(part, np.zeros(plan.part_rows(part), dtype=bool))
             meter.rows += int((~marks[rows]).sum())
             marks[rows] = True
             if marks.all():  # a row delivered twice (a retried task) is counted once; the commit keeps one copy
-                in_flight[commit.remote(output, plan_ref, part, files.pop(part), result_schema, summarize)] = part
+                written[part] = files.pop(part)
+                waiting.append(part)
                 del seen[part]
+        start_commits()
         if in_flight:
             collect(ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)[0])
         meter.report()
-    collect(list(in_flight))
+    while in_flight or waiting:
+        collect(list(in_flight))
+        before = len(waiting)
+        start_commits()
+        if not in_flight and len(waiting) == before:  # sources never written (their part failed)
+            for part in waiting:
+                failed[part] = f"copies results of part {min(needs[part] - committed - set(written))}, not written"
+            waiting.clear()
     meter.report(force=True)
     failed.update({part: "got only some of its rows" for part in seen})
     if failed:

@@ -24,7 +24,7 @@ from cskd_ray._version import __version__
 from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
-from cskd_ray.io.part_pass import run_parts
+from cskd_ray.io.part_pass import CARRIED, run_parts
 from cskd_ray.io.parts import check_sources_for_parts, is_container_source, plan_parts
 from cskd_ray.io.preflight import check_paths, check_sources
 from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
@@ -50,6 +50,10 @@ class LabelConfig(ImagePassConfig):
     columns: list[str] = Field(
         default_factory=list, description="parts layout: more input columns copied to every output row (tars always "
         "keep key, json and txt)."
+    )
+    content_shards: int | None = Field(
+        None, ge=0, description="parts layout: actors of the content index that computes each content once across "
+        "parts and runs (default: one per 20 million inputs; 0: once per part only)."
     )
 
 
@@ -93,7 +97,7 @@ class ScoreActor:
                         "distribution": pa.array(dists, pa.list_(pa.float32())),
                         "model": pa.array([self.scorer.model_id] * len(errors), pa.string()),
                         "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
-        for name in ("part", "row", "rep"):  # the parts layout's row keys (cskd_ray.io.part_pass)
+        for name in CARRIED:  # the parts layout's row keys (cskd_ray.io.part_pass)
             if name in batch:
                 out = out.append_column(name, pa.array(np.asarray(batch[name], dtype=np.int32)))
         return out
@@ -148,7 +152,7 @@ def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] 
         plan = plan_parts(cfg.input, cfg.output, cfg.part_rows, cfg.max_images, cfg.id_column, cfg.columns,
                           progress=progress)
         done = run_parts(plan, cfg.output, LABEL_SCHEMA, preprocess, ScoreActor, actor_kwargs,
-                         PipelineOptions.from_config(cfg), stage, progress, summarize)
+                         PipelineOptions.from_config(cfg), stage, progress, summarize, cfg.content_shards)
         return LabelResult(cfg.output, done.rows, done.rows_done_before, done.new_rows, done.deduplicated,
                            done.errors, time.perf_counter() - start, model_id)
     uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
