@@ -63,6 +63,7 @@ COMMITS = "_commits"
 ATTEMPTS = "_attempts"
 CARRIED = ("part", "row", "src", "rep")  # columns the model actors pass through
 BLOCK_BYTES = 32 << 20  # the table layout's bound on a read task's output block, too
+CLAIM_ROWS = 256  # rows read, hashed and sent to the content index at once (one round trip per shard)
 
 
 def part_file(output: str, part: int) -> str:
@@ -142,10 +143,11 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
         rows = read_part(plan, part)
         first_row: dict[str, int] = {}
         row_groups: dict = {}
-        for lo in range(0, len(rows), chunk_rows):
-            chunk = rows.slice(lo, chunk_rows)
-            n = len(chunk)
-            contents, digests, errors = hash_reads(read_inputs(chunk, plan, read_threads, row_groups))
+        group_rows = max(chunk_rows, CLAIM_ROWS)  # read, hashed and claimed together; decoded per chunk
+        for lo in range(0, len(rows), group_rows):
+            group = rows.slice(lo, group_rows)
+            n = len(group)
+            contents, digests, errors = hash_reads(read_inputs(group, plan, read_threads, row_groups))
             rep = np.array([first_row.setdefault(d, lo + i) if d else lo + i for i, d in enumerate(digests)],
                            dtype=np.int32)
             own = np.arange(lo, lo + n, dtype=np.int32)
@@ -156,12 +158,18 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
                 for i, source in zip(firsts, sources, strict=True):
                     if source != NO_SOURCE:
                         src[i], rep[i] = split_locator(source)
-                firsts = [i for i in firsts if src[i] == part and rep[i] == own[i]]
-            pixels = decode_rows(contents, firsts, errors, preprocess, max_pixels)
-            yield {"part": np.full(n, part, dtype=np.int32), "row": own,
-                   "uri": np.array(chunk.column("uri").to_pylist(), dtype=str),
-                   "sha256": np.array(digests, dtype=str), "pixels": pixels, "error": np.array(errors, dtype=str),
-                   "deferred": (rep != own) | (src != part), "src": src, "rep": rep}
+            computes = (src == part) & (rep == own) & np.array([bool(d) for d in digests], dtype=bool)
+            uris = np.array(group.column("uri").to_pylist(), dtype=str)
+            for a in range(0, n, chunk_rows):
+                b = min(n, a + chunk_rows)
+                chunk_errors = errors[a:b]
+                pixels = decode_rows(contents[a:b], [i - a for i in range(a, b) if computes[i]], chunk_errors,
+                                     preprocess, max_pixels)
+                yield {"part": np.full(b - a, part, dtype=np.int32), "row": own[a:b], "uri": uris[a:b],
+                       "sha256": np.array(digests[a:b], dtype=str), "pixels": pixels,
+                       "error": np.array(chunk_errors, dtype=str),
+                       "deferred": (rep[a:b] != own[a:b]) | (src[a:b] != part), "src": src[a:b], "rep": rep[a:b]}
+            del contents
 
 
 def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
