@@ -2,8 +2,8 @@
 
 The parts pass (:mod:`cskd_ray.io.part_pass`) computes each content once per part by itself. Across parts and
 across runs it asks this index: the digests (the first 16 bytes of each content's sha256) are *range-partitioned*
-over ``K`` :class:`ContentIndexShard` actors, shard ``k`` owning the keys whose first 8 bytes, read as a big-endian
-integer ``h``, satisfy ``⌊h·K / 2⁶⁴⌋ = k``. A read task sends each shard the keys of its chunk that fall in its
+over ``K`` :class:`ContentIndexShard` actors, shard ``k`` owning the keys whose first 4 bytes, read as a big-endian
+integer ``h``, satisfy ``⌊h·K / 2³²⌋ = k``. A read task sends each shard the keys of its chunk that fall in its
 range; the shard answers, per key, either "yours" (the key was unknown, or already claimed by this very row: a
 retried task asks again) or the *locator* ``(part, row)`` of the row that computes that content. The first claim
 wins, so within one run a content is computed by one row, whichever part reads it first.
@@ -51,7 +51,7 @@ def digest_key(sha256_hex: str) -> bytes:
 
 
 def shard_of(keys: list[bytes], shards: int) -> np.ndarray:
-    """The shard of each key: ``⌊h·K / 2⁶⁴⌋`` for ``h`` its first 8 bytes (a range partition of the key space)."""
+    """The shard of each key: ``⌊h·K / 2³²⌋`` for ``h`` its first 4 bytes (a range partition of the key space)."""
     if not keys:
         return np.zeros(0, dtype=np.int64)
     high = np.frombuffer(b"".join(k[:8] for k in keys), dtype=">u8").astype(np.uint64)

@@ -8,7 +8,7 @@ Per pending part (one with no commit marker), all in Ray tasks and actors:
    the part is *deferred* to that first row (``rep``);
 2. the stage's model actors (``ScoreActor``) compute the rows and carry ``part``, ``row`` and ``rep`` through;
 3. a writer task writes each block's rows of each part to ``OUTPUT/_attempts/part-<p>/<uuid>.parquet`` and
-   returns only ``(part, file, rows)``;
+   returns only ``(part, file, rows, sources)`` (sources: the other parts computing some of those rows' contents);
 4. when the driver has been told of all rows of a part, a commit task joins the part's rows to its plan rows
    (the id and pass-through columns), fills deferred rows from their ``rep``, writes ``OUTPUT/part-<p>.parquet``
    (a deterministic name, overwritten by a redo), its keys ``OUTPUT/_digests/part-<p>.parquet``, and then the marker
@@ -132,8 +132,9 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
     """Ray Data task: for each part id of the batch, yield its rows in chunks of ``chunk_rows``, read and decoded.
 
     Yields columns ``part``, ``row``, ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8,
-    ``error`` (``""`` when fine), ``deferred``, and ``src``/``rep``: the part and row computing this content (the
-    row itself when it is not deferred). A content met earlier in the part is deferred to its first row there;
+    ``error`` (``""`` when fine), ``deferred``, and ``src``/``rep``: the part and row this row takes its result
+    from (itself when it is not deferred; a first row of the part when deferred inside it, which may in turn
+    copy another part). A content met earlier in the part is deferred to its first row there;
     with an ``index`` (:class:`cskd_ray.io.content_index.ContentIndexShard` handles), a content another part
     computes, in this run or a committed one, is deferred to that part's row and not decoded. No input raises.
     """
@@ -156,8 +157,8 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
             if index and firsts:
                 sources = claim_rows(index, part, [lo + i for i in firsts], [digests[i] for i in firsts])
                 for i, source in zip(firsts, sources, strict=True):
-                    if source != NO_SOURCE:
-                        src[i], rep[i] = split_locator(source)
+                    if source != NO_SOURCE and split_locator(source)[0] != part:  # a locator in this part is
+                        src[i], rep[i] = split_locator(source)  # an earlier attempt's (other rows read): compute
             computes = (src == part) & (rep == own) & np.array([bool(d) for d in digests], dtype=bool)
             uris = np.array(group.column("uri").to_pylist(), dtype=str)
             for a in range(0, n, chunk_rows):
@@ -195,23 +196,31 @@ def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
 
 
 def read_source_part(output: str, part: int, files: list[str] | None, names: list[str]) -> pa.Table:
-    """Columns ``names`` of every row of ``part``, in row order.
+    """Columns ``names`` of every row of ``part``, in row order, resolved inside the part, plus ``usable``.
 
     Read from its attempt files while it is not committed (``files``), else (or when its commit has meanwhile
-    replaced them) from its committed table.
+    replaced them) from its committed table. A row deferred to another row of the part gets that row's result;
+    ``usable`` is false where the result is not computed there (a row copying a third part, which a retried read
+    task can produce).
     """
     if files is not None:
         try:
-            table = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=[*names, "row"])
+            table = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f)),
+                                                    columns=[*names, "row", "deferred", "src", "rep"])
                                       for f in files]).sort_by("row")
             rows = table.column("row").to_numpy()
-            keep = np.concatenate([[True], rows[1:] != rows[:-1]])
-            return table.filter(pa.array(keep)).select(names)
+            table = table.filter(pa.array(np.concatenate([[True], rows[1:] != rows[:-1]])))
+            src, rep = table.column("src").to_numpy(), table.column("rep").to_numpy().astype(np.int64)
+            take = np.where(src == part, rep, np.arange(len(table)))
+            table = table.take(pa.array(take))
+            usable = pc.invert(table.column("deferred"))
+            return table.select(names).append_column("usable", usable)
         except storage.StorageError:  # committed meanwhile? Its commit writes the table before deleting these
             if not storage.exists(part_file(output, part)):
                 raise
     fs, path = storage.resolve(part_file(output, part))
-    return pq.read_table(path, filesystem=fs, columns=names)
+    table = pq.read_table(path, filesystem=fs, columns=names)
+    return table.append_column("usable", pa.array(np.ones(len(table), dtype=bool)))
 
 
 def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], result_schema: pa.Schema,
@@ -224,7 +233,8 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     other part computing some of this part's contents, its attempt files (``None``: read its committed table).
 
     Raises:
-        RuntimeError: The chunks do not hold each row of the part exactly once (nothing is committed).
+        RuntimeError: The chunks do not hold each row of the part exactly once, a source part is missing, or a
+            row's result would not be its content's (see :func:`_resolve_results`); nothing is committed.
     """
     if storage.exists(marker_uri(output, part)):  # a retried commit whose first attempt got this far
         return read_marker(output, part)
@@ -278,10 +288,15 @@ def _resolve_results(output: str, part: int, chunks: pa.Table, names: list[str],
 
     A row's result is its own, or that of the row computing its content: in this part (``rep``) or in another
     (``src``, ``rep``).
+
+    Raises:
+        RuntimeError: A source part is missing, or a row would get a result that is not its content's computed
+            result (rows delivered by different attempts of a retried read task that read other rows): nothing
+            is committed, and a rerun redoes the part.
     """
     src = chunks.column("src").to_numpy()
     rep = chunks.column("rep").to_numpy().astype(np.int64)
-    pool = [chunks.select(names)]
+    pool = [chunks.select(names).append_column("usable", pc.invert(chunks.column("deferred")))]
     take = np.arange(len(chunks), dtype=np.int64)
     offset = len(chunks)
     for other in sorted(set(src.tolist()) - {part}):
@@ -292,11 +307,19 @@ def _resolve_results(output: str, part: int, chunks: pa.Table, names: list[str],
         if rep[here].max() >= len(table):
             raise RuntimeError(f"part {part}: part {other} has {len(table)} rows, not row {rep[here].max()}")
         take[here] = offset + rep[here]
-        pool.append(table.select(names).cast(pool[0].schema))
+        pool.append(table.cast(pool[0].schema))
         offset += len(table)
     inside = np.flatnonzero((src == part) & (rep != np.arange(len(chunks))))
     take[inside] = take[rep[inside]]  # a first row of the part is never deferred inside it: its entry is final
-    return pa.concat_tables(pool).take(pa.array(take))
+    results = pa.concat_tables(pool).take(pa.array(take))
+    own = chunks.column("sha256")
+    wrong = pc.and_(pc.is_valid(own), pc.or_(pc.invert(results.column("usable")),
+                                            pc.fill_null(pc.not_equal(results.column("sha256"), own), True)))
+    if pc.any(wrong).as_py():
+        row = pc.index(wrong, True).as_py()
+        raise RuntimeError(f"part {part}: row {row}'s content has no computed result among the rows delivered "
+                           "(a retried read task read other rows); nothing committed, a rerun redoes the part")
+    return results.drop(["usable"])
 
 
 def delete_quietly(uris: list[str]) -> None:
@@ -416,6 +439,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     needs: dict[int, set[int]] = {}  # per part in flight: the other parts computing some of its contents
     written: dict[int, list[str]] = {}  # parts whose rows are all written: their attempt files, until committed
     waiting: list[int] = []  # parts written, whose commit waits for a source part's rows
+    complete: set[int] = set()  # parts whose rows were all delivered (their commit started or waits)
     committed = set(done)
     in_flight: dict = {}  # commit ref -> part
     failed: dict[int, str] = {}
@@ -441,12 +465,8 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     def start_commits() -> None:
         for part in list(waiting):
             sources = needs.get(part, set())
-            lost = sorted(p for p in sources if p in failed)
-            if lost:
-                waiting.remove(part)
-                failed[part] = f"copies results of part {lost[0]}, which was not committed"
-            elif all(p in committed or p in written for p in sources):
-                waiting.remove(part)
+            if all(p in committed or p in written for p in sources):  # a source whose commit failed still has
+                waiting.remove(part)  # its rows in its attempt files
                 given = {p: written.get(p) for p in sources}  # None: read the committed table
                 in_flight[commit.remote(output, plan_ref, part, written[part], result_schema, summarize,
                                         given)] = part
@@ -456,6 +476,8 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
         parts, names = stats.column("part").to_pylist(), stats.column("file").to_pylist()
         for part, file, rows, sources in zip(parts, names, stats.column("rows").to_numpy(zero_copy_only=False),
                                              stats.column("sources").to_pylist(), strict=True):
+            if part in complete:  # a late copy of rows already delivered (a retried task): never read
+                continue
             files.setdefault(part, []).append(file)
             if sources:
                 needs.setdefault(part, set()).update(sources)
@@ -464,6 +486,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             marks[rows] = True
             if marks.all():  # a row delivered twice (a retried task) is counted once; the commit keeps one copy
                 written[part] = files.pop(part)
+                complete.add(part)
                 waiting.append(part)
                 del seen[part]
         start_commits()

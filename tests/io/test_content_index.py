@@ -83,3 +83,29 @@ def test_committed_keys_are_loaded_once_across_shards_and_win_over_new_claims(tm
     answers = [int(shards[int(k)].claim(digest_key(d), 9, np.array([i]))[0])
                for i, (d, k) in enumerate(zip(wanted, owner, strict=True))]
     assert answers == [locator(0, 3), locator(2, 7), NO_SOURCE]
+
+
+def _attempt(rows: list[int], sha: list[str | None], scores: list[float | None], deferred: list[bool],
+             src: list[int], rep: list[int]) -> pa.Table:
+    return pa.table({"sha256": pa.array(sha, pa.string()), "score": pa.array(scores, pa.float64()),
+                     "error": pa.array([None] * len(rows), pa.string()), "deferred": pa.array(deferred),
+                     "part": pa.array([0] * len(rows), pa.int32()), "row": pa.array(rows, pa.int32()),
+                     "src": pa.array(src, pa.int32()), "rep": pa.array(rep, pa.int32())})
+
+
+def test_copies_resolve_through_the_source_part_and_a_mixed_retry_is_refused(tmp_path: Path) -> None:
+    """A part copying from part 1's attempt files gets the computed result even where part 1's row is itself
+    deferred inside part 1; rows of two read attempts that disagree are refused, never given a wrong result."""
+    from cskd_ray.io.part_pass import _resolve_results
+
+    a, b = _sha(1), _sha(2)
+    source = tmp_path / "p1.parquet"  # part 1: row 0 computes b, row 1 (the locator handed out) defers to it
+    pq.write_table(_attempt([0, 1], [b, b], [7.0, None], [False, True], [1, 1], [0, 0]).drop(["part"]), source)
+    names = ["sha256", "score", "error"]
+    chunks = _attempt([0, 1, 2], [a, b, a], [3.0, None, None], [False, True, True], [0, 1, 0], [0, 1, 0])
+    resolved = _resolve_results(str(tmp_path), 0, chunks, names, {1: [str(source)]})
+    assert resolved.column("score").to_pylist() == [3.0, 7.0, 3.0]
+    # row 0 from an attempt whose read failed, row 2 from one that deferred to it: refused
+    mixed = _attempt([0, 1, 2], [None, b, a], [None, None, None], [False, True, True], [0, 1, 0], [0, 1, 0])
+    with pytest.raises(RuntimeError, match="row 2's content has no computed result"):
+        _resolve_results(str(tmp_path), 0, mixed, names, {1: [str(source)]})
