@@ -24,7 +24,7 @@ browser: ## Install Debian's chromium for the report's browser test (skipped whe
 		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 		echo "note: chromium not installed; the report's browser test will be skipped"
 
-proxy-weights: $(STAMP) ## Verify the shipped proxy CLIP of the demo (sha256); rebuild: python -m cskd_ray.models.proxy_clip --record
+proxy-weights: $(STAMP) ## Build the demo's proxy CLIP once (~2 min; cached in ~/.cache/cskd_ray, sha256-verified)
 	$(PY) -m cskd_ray.models.proxy_clip --ensure
 
 demo: $(STAMP) proxy-weights ## Run the pipeline on generated demo data on a local Ray; outputs in runs/demo

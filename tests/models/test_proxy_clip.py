@@ -52,3 +52,13 @@ def test_a_changed_weights_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
 def test_proxy_tag_belongs_to_the_proxy_model_only() -> None:
     with pytest.raises(WeightsUnavailableError, match=r"'proxy' exists only for cskd-proxy-rn, not 'cskd-tiny-vit'"):
         create_clip("cskd-tiny-vit", "proxy")
+
+
+def test_a_build_recorded_for_another_kind_of_cpu_is_accepted(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kind of CPU builds other bits: a file matching any recorded build loads."""
+    record = proxy_clip.read_record()
+    other = {**record, "sha256": "0" * 64, "other_builds": [{"sha256": record["sha256"], "built_on": "this CPU"}]}
+    (tmp_path / "record.json").write_text(json.dumps(other))
+    monkeypatch.setattr(proxy_clip, "RECORD_PATH", tmp_path / "record.json")
+    assert create_clip(PROXY_NAME, "proxy").weights == f"sha256:{record['sha256']}"
