@@ -195,6 +195,19 @@ def write_part_chunks(batch: pa.Table, output: str) -> pa.Table:
                      "sources": pa.array(sources, pa.list_(pa.int32()))})
 
 
+def read_attempt_rows(files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """The rows of a part's attempt files (``columns``, default all), sorted by row, one copy of each.
+
+    A row delivered twice (a retried task whose first output was kept too) appears once.
+    """
+    table = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=columns)
+                              for f in files]).sort_by("row")
+    if len(table) > 1:
+        rows = table.column("row").to_numpy()
+        table = table.filter(pa.array(np.concatenate([[True], rows[1:] != rows[:-1]])))
+    return table
+
+
 def read_source_part(output: str, part: int, files: list[str] | None, names: list[str]) -> pa.Table:
     """Columns ``names`` of every row of ``part``, in row order, resolved inside the part, plus ``usable``.
 
@@ -205,11 +218,7 @@ def read_source_part(output: str, part: int, files: list[str] | None, names: lis
     """
     if files is not None:
         try:
-            table = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f)),
-                                                    columns=[*names, "row", "deferred", "src", "rep"])
-                                      for f in files]).sort_by("row")
-            rows = table.column("row").to_numpy()
-            table = table.filter(pa.array(np.concatenate([[True], rows[1:] != rows[:-1]])))
+            table = read_attempt_rows(files, [*names, "row", "deferred", "src", "rep"])
             src, rep = table.column("src").to_numpy(), table.column("rep").to_numpy().astype(np.int64)
             take = np.where(src == part, rep, np.arange(len(table)))
             table = table.take(pa.array(take))
@@ -238,12 +247,7 @@ def commit_part(output: str, plan: PartsPlan, part: int, files: list[str], resul
     """
     if storage.exists(marker_uri(output, part)):  # a retried commit whose first attempt got this far
         return read_marker(output, part)
-    chunks = pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_bytes(f))) for f in files])
-    chunks = chunks.sort_by("row")
-    if len(chunks) > 1:  # a row delivered twice (a retried task whose first output was kept): keep one copy
-        rows = chunks.column("row").to_numpy()
-        keep = np.concatenate([[True], rows[1:] != rows[:-1]])
-        chunks = chunks.filter(pa.array(keep))
+    chunks = read_attempt_rows(files)
     expected = plan.part_rows(part)
     if chunks.column("row").to_pylist() != list(range(expected)):
         raise RuntimeError(f"part {part}: the attempt's files hold {len(chunks)} rows, not rows 0..{expected - 1} "
@@ -439,7 +443,6 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     needs: dict[int, set[int]] = {}  # per part in flight: the other parts computing some of its contents
     written: dict[int, list[str]] = {}  # parts whose rows are all written: their attempt files, until committed
     waiting: list[int] = []  # parts written, whose commit waits for a source part's rows
-    complete: set[int] = set()  # parts whose rows were all delivered (their commit started or waits)
     committed = set(done)
     in_flight: dict = {}  # commit ref -> part
     failed: dict[int, str] = {}
@@ -476,8 +479,8 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
         parts, names = stats.column("part").to_pylist(), stats.column("file").to_pylist()
         for part, file, rows, sources in zip(parts, names, stats.column("rows").to_numpy(zero_copy_only=False),
                                              stats.column("sources").to_pylist(), strict=True):
-            if part in complete:  # a late copy of rows already delivered (a retried task): never read
-                continue
+            if part in written or part in committed:  # a late copy of rows already delivered (a retried
+                continue  # task): never read
             files.setdefault(part, []).append(file)
             if sources:
                 needs.setdefault(part, set()).update(sources)
@@ -486,7 +489,6 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             marks[rows] = True
             if marks.all():  # a row delivered twice (a retried task) is counted once; the commit keeps one copy
                 written[part] = files.pop(part)
-                complete.add(part)
                 waiting.append(part)
                 del seen[part]
         start_commits()
