@@ -45,6 +45,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[Target]]] = {
     "align": (["bench_align.py"], [
         Target("cached_vs_online", ">=", 3, "align epoch with cached vs online CLIP targets"),
     ]),
+    "ingest": (["bench_ingest.py"], [
+        Target("packed_vs_originals", ">=", 2, "align ingest: packed cache rows vs reading 768 px originals"),
+    ]),
     "score": (["bench_score.py", "--sizes", "1000", "4000"], [
         Target("job_vs_loop_1k", ">=", 0.7, "scoring job vs plain loop, 1k images"),
         Target("job_vs_loop_4k", ">=", 0.9, "scoring job vs plain loop, 4k images"),

@@ -6,7 +6,8 @@ Layout of a cache folder (local or s3://)::
 
     _meta.json                 model name, weights digest, preprocessing, dimension, model key
     part-<time>-<id>.parquet   shards: uri, sha256, feature (large_list<float16|float32>, null on error),
-                               [tokens (large_list, the flattened token map)], error
+                               [tokens (large_list, the flattened token map)], [image (the packed training
+                               image, large_binary; :mod:`cskd_ray.io.packing`)], error
     _runs/<time>-<id>.json     what each run did and its resolved config
 
 Shards are written atomically under unique names and never rewritten: readers never see half a
@@ -47,14 +48,19 @@ SHARD_PREFIX = "part-"
 ROW_GROUP_BYTES = 64 << 20  # in memory, before compression: a reader holds about this much per group
 
 
-def feature_schema(dtype: str = "float16", tokens: bool = False) -> pa.Schema:
-    """The schema of the feature cache table; ``tokens`` adds the flattened token map (T·C values per row)."""
+def feature_schema(dtype: str = "float16", tokens: bool = False, packed: bool = False) -> pa.Schema:
+    """The schema of the feature cache table.
+
+    ``tokens`` adds the flattened token map (T·C values per row); ``packed`` the packed training image
+    (``image``, large_binary, null on error rows; :mod:`cskd_ray.io.packing`).
+    """
     value = pa.float16() if dtype == "float16" else pa.float32()
-    fields = [("uri", pa.string()), ("sha256", pa.string()), ("feature", pa.large_list(value)),
-              ("error", pa.string())]
+    fields = [("uri", pa.string()), ("sha256", pa.string()), ("feature", pa.large_list(value))]
     if tokens:
-        fields.insert(3, ("tokens", pa.large_list(value)))
-    return pa.schema(fields)
+        fields.append(("tokens", pa.large_list(value)))
+    if packed:
+        fields.append(("image", pa.large_binary()))
+    return pa.schema([*fields, ("error", pa.string())])
 
 
 def model_key(clip_name: str, weights: str, preprocess: PreprocessSpec, kind: str = "pooled") -> str:
@@ -122,11 +128,44 @@ class ResultTable:
 
         return storage.retry_io(scan, self.uri)
 
-    def lookup(self, digests: set[str]) -> pa.Table:
-        """One row per digest found in the cache: a row with a feature when there is one, else its error row."""
+    def count_rows(self, threads: int = 16) -> tuple[int, int]:
+        """``(rows, rows without an error)`` of the table, from the shards' Parquet footers, not their data.
+
+        Each shard's footer records, per row group, its rows and the ``error`` column's null count; a shard
+        without that statistic (none written by this package) has its ``error`` column read instead. Costs
+        one small read per shard, so a training run's driver never scans the table.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        fs, _ = storage.resolve(self.uri)
+
+        def one(uri: str) -> tuple[int, int]:
+            path = storage.resolve(uri)[1]
+
+            def footer() -> pq.FileMetaData:
+                with fs.open_input_file(path) as handle:
+                    return pq.ParquetFile(handle).metadata
+
+            meta = storage.retry_io(footer, uri)
+            column = meta.schema.names.index("error")
+            groups = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            if all(stats is not None and stats.has_null_count for stats in groups):
+                return meta.num_rows, sum(stats.null_count for stats in groups)
+            errors = storage.retry_io(lambda: pq.read_table(path, columns=["error"], filesystem=fs), uri)
+            return meta.num_rows, errors.column("error").null_count
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            counts = list(pool.map(one, self.shards()))
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def lookup(self, digests: set[str], columns: list[str] | None = None) -> pa.Table:
+        """One row per digest found in the cache: a row with a feature when there is one, else its error row.
+
+        ``columns`` (which must include ``sha256`` and ``error``) reads only those, e.g. not the packed images.
+        """
         if not digests:
-            return self.schema.empty_table()
-        table = self.read(filter_expr=pads.field("sha256").isin(pa.array(sorted(digests), pa.string())))
+            return self.schema.empty_table().select(columns or self.schema.names)
+        table = self.read(columns, filter_expr=pads.field("sha256").isin(pa.array(sorted(digests), pa.string())))
         best: dict[str, int] = {}
         for i, (digest, error) in enumerate(zip(table.column("sha256").to_pylist(),
                                                 table.column("error").to_pylist(), strict=True)):
@@ -162,7 +201,7 @@ class ResultTable:
 
 
 class FeatureCache(ResultTable):
-    """The features stage's table: ``uri, sha256, feature, error`` (see the module docstring)."""
+    """The features stage's table: ``uri, sha256, feature, [tokens], [image], error`` (see the module docstring)."""
 
-    def __init__(self, uri: str, dtype: str = "float16", tokens: bool = False) -> None:
-        super().__init__(uri, feature_schema(dtype, tokens))
+    def __init__(self, uri: str, dtype: str = "float16", tokens: bool = False, packed: bool = False) -> None:
+        super().__init__(uri, feature_schema(dtype, tokens, packed))

@@ -22,6 +22,7 @@ import numpy as np
 from cskd_ray.io import storage
 from cskd_ray.io.decode import decode_image
 from cskd_ray.io.fetch import read_many
+from cskd_ray.io.packing import pack_image
 from cskd_ray.io.transforms import PreprocessSpec, resize_crop
 
 
@@ -68,23 +69,28 @@ def hash_reads(reads: list[bytes | Exception]) -> tuple[list[bytes | None], list
 
 
 def decode_rows(contents: list[bytes | None], rows: list[int], errors: list[str], preprocess: PreprocessSpec,
-                max_pixels: int) -> np.ndarray:
+                max_pixels: int, packed: list[bytes] | None = None, pack_size: int = 0) -> np.ndarray:
     """Decode and resize/crop ``contents[i]`` for each ``i`` in ``rows``; the others stay black.
 
-    Returns the (N, S, S, 3) uint8 pixels; a row that does not decode gets its error in ``errors``.
+    Returns the (N, S, S, 3) uint8 pixels; a row that does not decode gets its error in ``errors``. With
+    ``packed`` (a list of N ``b""``) and ``pack_size`` > 0, ``packed[i]`` receives the row's packed training
+    image (:func:`cskd_ray.io.packing.pack_image`).
     """
     size = preprocess.image_size
     pixels = np.zeros((len(contents), size, size, 3), dtype=np.uint8)
+    packing = packed is not None and pack_size > 0
     for i in rows:
-        decoded = decode_image(contents[i], max_pixels, draft_size=size)
+        decoded = decode_image(contents[i], max_pixels, draft_size=max(size, pack_size) if packing else size)
         if decoded.ok:
             pixels[i] = resize_crop(decoded.image, preprocess)
+            if packing:
+                packed[i] = pack_image(contents[i], decoded.image, pack_size)
         errors[i] = decoded.error or ""
     return pixels
 
 
 def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int, registry: Any,
-                      read_threads: int = 1) -> dict:
+                      read_threads: int = 1, pack_size: int = 0) -> dict:
     """Ray Data task: read, hash, claim, decode and resize/crop a batch of ``uri`` rows with their ``row`` ids.
 
     The batch's inputs are read with up to ``read_threads`` reads in flight (:func:`cskd_ray.io.fetch.read_many`:
@@ -92,7 +98,8 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
 
     Returns columns ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8, ``error``
     (``""`` when fine: a string column keeps its type through Ray's block conversions) and ``deferred``
-    (the content is cached or claimed by another row: nothing to compute). No file raises.
+    (the content is cached or claimed by another row: nothing to compute); with ``pack_size`` > 0 also
+    ``image``, each computed row's packed training image (``b""`` for the others). No file raises.
     """
     import ray
 
@@ -106,6 +113,10 @@ def read_decode_batch(batch: dict[str, np.ndarray], spec: dict, max_pixels: int,
     deferred = np.zeros(len(uris), dtype=bool)
     deferred[[i for i, is_new in zip(readable, claimed, strict=True) if not is_new]] = True
     computed = [i for i, is_new in zip(readable, claimed, strict=True) if is_new]
-    pixels = decode_rows(contents, computed, errors, preprocess, max_pixels)
-    return {"uri": np.array(uris, dtype=str), "sha256": np.array(digests, dtype=str), "pixels": pixels,
-            "error": np.array(errors, dtype=str), "deferred": deferred}
+    packed = [b""] * len(uris) if pack_size > 0 else None
+    pixels = decode_rows(contents, computed, errors, preprocess, max_pixels, packed, pack_size)
+    out = {"uri": np.array(uris, dtype=str), "sha256": np.array(digests, dtype=str), "pixels": pixels,
+           "error": np.array(errors, dtype=str), "deferred": deferred}
+    if packed is not None:
+        out["image"] = np.array(packed, dtype=object)
+    return out

@@ -147,7 +147,7 @@ def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.
 
 
 def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type, actor_kwargs: dict,
-            options: PipelineOptions, writer: ShardWriter) -> list[tuple[str, str]]:
+            options: PipelineOptions, writer: ShardWriter, pack_size: int) -> list[tuple[str, str]]:
     """Run the Ray Data pass; write computed rows; return the deferred ``(uri, sha256)`` pairs."""
     import ray
 
@@ -168,7 +168,8 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
     ds = ds.map_batches(read_decode_batch, batch_size=options.decode_batch_size, batch_format="numpy",
                         num_cpus=options.decode_num_cpus,
                         fn_kwargs={"spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
-                                   "registry": registry, "read_threads": options.read_threads})
+                                   "registry": registry, "read_threads": options.read_threads,
+                                   "pack_size": pack_size})
     ds = ds.map_batches(
         actor_cls, batch_size=options.batch_size, batch_format="numpy",
         fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},
@@ -188,14 +189,16 @@ def _stream(pending: list[str], known: list[str], preprocess: PreprocessSpec, ac
 
 
 def process_pending(pending: list[str], known: list[str], preprocess: PreprocessSpec, actor_cls: type,
-                    actor_kwargs: dict, options: PipelineOptions, writer: ShardWriter) -> int:
+                    actor_kwargs: dict, options: PipelineOptions, writer: ShardWriter, pack_size: int = 0) -> int:
     """Give every pending URI its row in the writer's table; return how many rows were copied, not computed.
 
-    Ray must be initialised. ``known`` lists the sha256 digests already in the table.
+    Ray must be initialised. ``known`` lists the sha256 digests already in the table. With ``pack_size`` > 0 the
+    read tasks also give the actors each computed row's packed training image (column ``image``;
+    :mod:`cskd_ray.io.packing`), which the features actor keeps in its rows.
     """
     if not pending:
         return 0
-    deferred = _stream(pending, known, preprocess, actor_cls, actor_kwargs, options, writer)
+    deferred = _stream(pending, known, preprocess, actor_cls, actor_kwargs, options, writer, pack_size)
     writer.flush()  # the representatives of deferred rows are now in the table
     uris_by_digest: dict[str, list[str]] = defaultdict(list)
     for uri, digest in deferred:

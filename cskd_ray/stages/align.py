@@ -99,7 +99,7 @@ def run(cfg: AlignConfig) -> AlignResult:
     tokens = cfg.loss == "smooth_l1_tokens"
     target_dim = check_token_grids(cfg, meta, probe.model) if tokens and meta else int(meta.get("dim", 0))
     dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels,
-                                     "tokens" if tokens else "feature")
+                                     "tokens" if tokens else "feature", cfg.train.seed)
     world, batch = cfg.train.num_workers, cfg.train.batch_size
     if batch % world:
         raise ConfigError(f"train.batch_size {batch} must be a multiple of train.num_workers {world}")

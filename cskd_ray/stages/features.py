@@ -10,7 +10,8 @@ Pipeline (Ray Data, streaming)::
       ──► CLIP actors (model loaded once per actor, batched, GPU when present) ──► Parquet shards
 
 The cache at ``output`` is a folder of ``part-*.parquet`` shards with **one row per input URI**
-(``uri``, ``sha256``, ``feature`` list<float16|float32> or null, ``error`` null or a message) and a
+(``uri``, ``sha256``, ``feature`` list<float16|float32> or null, ``image`` the packed training image
+(:mod:`cskd_ray.io.packing`; ``pack_size: 0`` keeps none), ``error`` null or a message) and a
 ``_meta.json`` naming the model, weights digest, preprocessing, dimension and the model key. The cache
 key is (sha256, model key): a rerun on the same inputs computes nothing, new images compute only
 themselves, and duplicate content is computed once. Shards are written atomically and never
@@ -66,6 +67,11 @@ class FeaturesConfig(ImagePassConfig):
         False, description="Also store CLIP's patch-token map (grid² × width values per image) for the "
         "smooth_l1_tokens alignment; ViT CLIP models only. ViT-L-14 at 224 px: 256 × 1024 values, 512 KiB per "
         "image in float16.")
+    pack_size: int = Field(
+        256, ge=0, description="Also keep each image in its cache row for training (column image): its original "
+        "bytes when the shorter side is at most pack_size px, else a JPEG resized to that shorter side. align then "
+        "reads no original image again, epoch after epoch. At least the students' image size; 0: keep none "
+        "(training reads every original each epoch).")
 
 
 logger = logging.getLogger(__name__)
@@ -150,13 +156,18 @@ def plan_features(cfg: FeaturesConfig) -> FeaturesPlan:
     kind = "pooled+tokens" if cfg.tokens else "pooled"
     meta = {"model": cfg.clip.name, "weights": clip.weights, "random_weights": clip.random_weights,
             "preprocess": clip.preprocess.to_dict(), "dim": clip.dim, "kind": kind,
-            "feature_dtype": cfg.feature_dtype,
+            "feature_dtype": cfg.feature_dtype, "pack_size": cfg.pack_size,
             "model_key": model_key(cfg.clip.name, clip.weights, clip.preprocess, kind),
             "cskd_ray_version": __version__}
     if cfg.tokens:
         meta.update(token_layout(cfg.clip.name, clip.model))
-    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens)
+    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens, cfg.pack_size > 0)
     cache.check_meta(meta)
+    existing = cache.read_meta()
+    written = cfg.pack_size if existing is None else existing.get("pack_size", 0)  # earlier versions kept none
+    if existing is not None and written != cfg.pack_size:
+        raise ConfigError(f"pack_size: the cache {cfg.output} keeps training images at pack_size {written}; run with "
+                          f"pack_size {written}, or write to a new output")
     cached = cache.read(["uri", "sha256"])
     done = set(cached.column("uri").to_pylist())
     digests = sorted({d for d in cached.column("sha256").to_pylist() if d})
@@ -175,7 +186,7 @@ def run(cfg: FeaturesConfig, plan: FeaturesPlan | None = None,
     progress = progress or logger.info
     start = time.perf_counter()
     plan = plan or plan_features(cfg)
-    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens)
+    cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens, cfg.pack_size > 0)
     cache.ensure_meta(plan.meta)
     pending = plan.pending
     progress(f"features: {len(plan.uris)} inputs, {len(plan.uris) - len(pending)} already cached, "
@@ -184,7 +195,7 @@ def run(cfg: FeaturesConfig, plan: FeaturesPlan | None = None,
     actor_kwargs = {"clip": cfg.clip.model_dump(), "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
                     "torch_threads": cfg.torch_threads, "actors": cfg.concurrency, "tokens": cfg.tokens}
     reused = process_pending(pending, plan.cached_digests, plan.preprocess, ClipFeatureActor, actor_kwargs,
-                             PipelineOptions.from_config(cfg), writer)
+                             PipelineOptions.from_config(cfg), writer, cfg.pack_size)
     result = FeaturesResult(cfg.output, len(plan.uris), len(plan.uris) - len(pending), writer.rows,
                             writer.rows - reused - writer.read_errors, reused, writer.errors,
                             time.perf_counter() - start, plan.random_weights)
@@ -245,7 +256,7 @@ class ClipFeatureActor:
                                         mask=pa.array(~ok))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Embed the rows to compute; return ``uri, sha256, feature, error, deferred``."""
+        """Embed the rows to compute; return ``uri, sha256, feature, [tokens], [image], error, deferred``."""
         errors = [str(e) or None for e in batch["error"]]
         deferred = np.asarray(batch["deferred"], dtype=bool)
         ok = np.array([e is None for e in errors], dtype=bool) & ~deferred
@@ -263,6 +274,9 @@ class ClipFeatureActor:
         if self.tokens:
             columns["tokens"] = self._list_column(tokens if tokens is not None else
                                                   np.zeros((len(errors), 1), self.np_dtype), ok)
+        if "image" in batch:  # the packed training image (cskd_ray.io.packing), kept with the feature
+            images = zip(batch["image"], ok, strict=True)
+            columns["image"] = pa.array([bytes(b) if is_ok else None for b, is_ok in images], pa.large_binary())
         return pa.table({**columns, "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
 
 

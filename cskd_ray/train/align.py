@@ -18,6 +18,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,20 +115,26 @@ def check_token_grids(cfg: Any, meta: dict, encoder: nn.Module) -> int:
 
 
 def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int,
-                     column: str = "feature") -> tuple[Any, int]:
+                     column: str = "feature", seed: int = 0) -> tuple[Any, int]:
     """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count.
 
-    ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps).
+    ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps). The shards are read in
+    an order drawn from ``seed``; a cache written with ``pack_size`` > 0 gives each row's image from its
+    ``image`` column (no original is read). The driver reads the shards' footers only
+    (:meth:`cskd_ray.io.feature_cache.ResultTable.count_rows`), never their rows.
     """
     cache = FeatureCache(cache_uri)
     meta = cache.read_meta()
-    if meta is None or not cache.shards():
+    shards = cache.shards()
+    if meta is None or not shards:
         raise ConfigError(f"input {cache_uri}: not a feature cache (no _meta.json or shards); run `features` first")
-    rows = cache.read(["error"]).column("error").null_count
+    rows = cache.count_rows()[1]
     if rows == 0:
         raise ConfigError(f"input {cache_uri}: the cache holds no image with a feature")
     fs, _ = storage.resolve(cache_uri)
-    ds = parquet_dataset([storage.resolve(s)[1] for s in cache.shards()], fs, ["uri", column, "error"])
+    order = np.random.default_rng(seed).permutation(len(shards))
+    columns = ["uri", column, "error"] + (["image"] if meta.get("pack_size") else [])
+    ds = parquet_dataset([storage.resolve(shards[i])[1] for i in order], fs, columns)
     ds = ds.map_batches(as_large_lists, batch_size=None, batch_format="pyarrow")  # one type across shard versions
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column,

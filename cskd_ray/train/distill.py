@@ -216,7 +216,7 @@ def unlabeled_rows(cfg: Any, labeled_uris: set[str], head: HeadSpec) -> tuple[pa
             raise ConfigError("feat_weight > 0 needs `features`: the feature cache of the unlabeled images")
         cache = FeatureCache(cfg.features)
         dim = int((cache.read_meta() or {}).get("dim", 0))
-        known = cache.lookup(set(table.column("sha256").to_pylist()))
+        known = cache.lookup(set(table.column("sha256").to_pylist()), ["sha256", "feature", "error"])
         by_digest = dict(zip(known.column("sha256").to_pylist(), known.column("feature").to_pylist(), strict=True))
         features = [by_digest.get(d) for d in table.column("sha256").to_pylist()]
     distribution = table.column("distribution").cast(pa.list_(pa.float64()))

@@ -17,17 +17,21 @@ from cskd_ray.io.feature_cache import with_large_lists
 from cskd_ray.io.transforms import PreprocessSpec, resize_crop
 
 
-def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_for_training(uris: list[str], spec: PreprocessSpec, max_pixels: int,
+                        packed: list[bytes | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read, decode and resize/crop images for a training batch: ``pixels`` (N, S, S, 3) uint8 and ``valid``.
 
-    An image that cannot be read or decoded keeps its row with ``valid = 0`` (losses skip it), so every
-    worker sees exactly the number of rows its step count was planned for.
+    ``packed[i]``, when given and not None, is row i's packed image from the feature cache
+    (:mod:`cskd_ray.io.packing`): it is decoded instead of reading ``uris[i]``, so a packed cache trains without
+    reading any original. An image that cannot be read or decoded keeps its row with ``valid = 0`` (losses skip
+    it), so every worker sees exactly the number of rows its step count was planned for.
     """
     size = spec.image_size
     pixels, valid = np.zeros((len(uris), size, size, 3), dtype=np.uint8), np.zeros(len(uris), dtype=np.uint8)
     for i, uri in enumerate(uris):
         try:
-            decoded = decode_image(storage.read_bytes(uri), max_pixels, draft_size=size)
+            data = packed[i] if packed is not None and packed[i] is not None else storage.read_bytes(uri)
+            decoded = decode_image(data, max_pixels, draft_size=size)
         except (OSError, ValueError):
             continue
         if decoded.ok:
@@ -45,14 +49,17 @@ def decode_cached_rows(batch: pa.Table, spec: dict, max_pixels: int, column: str
     """Align: cached ``uri, feature`` rows → ``pixels`` (N, S, S, 3) uint8, ``target`` (N, width), ``valid``.
 
     Rows without a feature (the cache's error rows) are dropped; a batch of only such rows gives N = 0 (with
-    ``width`` given, the target keeps its shape, so every block of the dataset has the same columns). A row whose
-    image no longer decodes keeps its place with ``valid = 0`` (the loss skips it), so every worker sees exactly
-    the number of rows the step count was planned for.
+    ``width`` given, the target keeps its shape, so every block of the dataset has the same columns). A row with
+    a packed ``image`` is decoded from it, others from their ``uri``. A row whose image no longer decodes keeps
+    its place with ``valid = 0`` (the loss skips it), so every worker sees exactly the number of rows the step
+    count was planned for.
     """
     batch = batch.filter(batch.column("error").is_null())  # rows without a feature are not training data
     values = batch.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     target = values.reshape(len(batch), width or (-1 if len(batch) else 0))
-    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels)
+    packed = batch.column("image").to_pylist() if "image" in batch.column_names else None
+    pixels, valid = decode_for_training(batch.column("uri").to_pylist(), PreprocessSpec.from_dict(spec), max_pixels,
+                                        packed)
     return {"pixels": pixels, "target": target, "valid": valid}
 
 

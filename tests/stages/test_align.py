@@ -171,3 +171,41 @@ def test_token_features_need_a_vit_clip(demo_data: Path, tmp_path: Path) -> None
                       output_uri=str(tmp_path / "f"))
     with pytest.raises(ConfigError, match=r"tokens: true needs a ViT CLIP.*'RN50' has none"):
         plan_features(cfg)
+
+
+def test_align_trains_from_packed_images_without_reading_any_original(ray_session, demo_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """features keeps each image in its cache row (here resized to 40 px: the demo images are 64 px); with every
+    original deleted afterwards, align still decodes every row, and a rerun of features with another pack_size
+    is refused, naming the key."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from cskd_ray.io.feature_cache import FeatureCache
+    from cskd_ray.stages.features import plan_features
+    from cskd_ray.train.ingest import decode_cached_rows
+
+    images = tmp_path / "images"
+    shutil.copytree(demo_data / "images", images)
+    cache = str(tmp_path / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["batch_size=32", "pack_size=40", "max_images=40"], input_uris=[str(images)], output_uri=cache)
+    run_features(cfg)
+    table = FeatureCache(cache, packed=True).read()
+    ok = table.filter(table.column("error").is_null())
+    assert FeatureCache(cache).read_meta()["pack_size"] == 40 and len(ok) >= 32
+    assert all(min(Image.open(io.BytesIO(b)).size) == 40 for b in ok.column("image").to_pylist())
+    assert table.filter(table.column("error").is_valid()).column("image").null_count == len(table) - len(ok)
+    shutil.rmtree(images)
+
+    spec = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    decoded = decode_cached_rows(ok, spec, 10**8)
+    assert decoded["valid"].tolist() == [1] * len(ok)
+    result = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16")
+    assert result.steps == 2 and result.rows == len(ok)
+    assert result.metrics["loss"] > 0  # rows that could not be decoded would leave a zero loss
+    with pytest.raises(ConfigError, match=r"pack_size: the cache .* keeps training images at pack_size 40"):
+        plan_features(load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                                  ["pack_size=64"], input_uris=[str(demo_data / "images")], output_uri=cache))

@@ -51,8 +51,11 @@ def test_one_row_per_input_with_schema_meta_and_errors(ray_session, images: Path
     table = _table(out)
     files = sorted(str(p) for p in images.iterdir())
     assert sorted(table.column("uri").to_pylist()) == files
-    assert table.schema.equals(feature_schema("float16"))
+    assert table.schema.equals(feature_schema("float16", packed=True))  # pack_size 256 by default
     assert result.new_rows == len(files) == 64 and result.computed == 64 and result.errors == 4
+    # the demo images are 64 px, under pack_size: each row keeps its file's bytes as they are
+    ok_rows = table.filter(table.column("error").is_null()).to_pylist()
+    assert all(row["image"] == Path(row["uri"]).read_bytes() for row in ok_rows)
     errors = table.filter(table.column("error").is_valid())
     assert errors.column("feature").null_count == 4
     messages = " | ".join(errors.column("error").to_pylist())
