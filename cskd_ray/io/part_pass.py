@@ -128,7 +128,7 @@ def read_inputs(rows: pa.Table, plan: PartsPlan, threads: int, cache: dict | Non
 
 
 def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict, max_pixels: int, read_threads: int,
-                      chunk_rows: int, index: list | None = None) -> Iterator[dict]:
+                      chunk_rows: int, index: list | None = None, pack_size: int = 0) -> Iterator[dict]:
     """Ray Data task: for each part id of the batch, yield its rows in chunks of ``chunk_rows``, read and decoded.
 
     Yields columns ``part``, ``row``, ``uri``, ``sha256`` (``""`` if unreadable), ``pixels`` (N, S, S, 3) uint8,
@@ -136,7 +136,9 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
     from (itself when it is not deferred; a first row of the part when deferred inside it, which may in turn
     copy another part). A content met earlier in the part is deferred to its first row there;
     with an ``index`` (:class:`cskd_ray.io.content_index.ContentIndexShard` handles), a content another part
-    computes, in this run or a committed one, is deferred to that part's row and not decoded. No input raises.
+    computes, in this run or a committed one, is deferred to that part's row and not decoded. With ``pack_size``
+    > 0 also ``image``: each computed row's packed training image (:mod:`cskd_ray.io.packing`; ``b""`` for the
+    others). No input raises.
     """
     preprocess = PreprocessSpec.from_dict(spec)
     for part in batch["part"]:
@@ -164,12 +166,16 @@ def read_part_batches(batch: dict[str, np.ndarray], plan: PartsPlan, spec: dict,
             for a in range(0, n, chunk_rows):
                 b = min(n, a + chunk_rows)
                 chunk_errors = errors[a:b]
+                packed = [b""] * (b - a) if pack_size > 0 else None
                 pixels = decode_rows(contents[a:b], [i - a for i in range(a, b) if computes[i]], chunk_errors,
-                                     preprocess, max_pixels)
-                yield {"part": np.full(b - a, part, dtype=np.int32), "row": own[a:b], "uri": uris[a:b],
+                                     preprocess, max_pixels, packed, pack_size)
+                out = {"part": np.full(b - a, part, dtype=np.int32), "row": own[a:b], "uri": uris[a:b],
                        "sha256": np.array(digests[a:b], dtype=str), "pixels": pixels,
                        "error": np.array(chunk_errors, dtype=str),
                        "deferred": (rep[a:b] != own[a:b]) | (src[a:b] != part), "src": src[a:b], "rep": rep[a:b]}
+                if packed is not None:
+                    out["image"] = np.array(packed, dtype=object)
+                yield out
             del contents
 
 
@@ -361,6 +367,7 @@ class PartsRunResult:
     new_rows: int
     deduplicated: int
     errors: int
+    computed: int = 0  # contents decoded and run through the model (failed decodes included)
 
 
 class _Progress:
@@ -384,13 +391,15 @@ class _Progress:
 
 def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess: PreprocessSpec, actor_cls: type,
               actor_kwargs: dict, options: Any, stage: str, progress: Callable[[str], None],
-              summarize: Callable[[pa.Table], dict] | None = None, index_shards: int | None = None) -> PartsRunResult:
+              summarize: Callable[[pa.Table], dict] | None = None, index_shards: int | None = None,
+              pack_size: int = 0) -> PartsRunResult:
     """Compute and commit every part of ``plan`` that ``output`` has no marker for. Ray must be initialised.
 
     ``options`` is a :class:`cskd_ray.io.row_pipeline.PipelineOptions`; ``summarize`` goes to
     :func:`commit_part`. Content is computed once across parts and runs through ``index_shards`` content-index
     actors (default :func:`cskd_ray.io.content_index.shards_for` the plan's rows; 0 turns the index off: each
-    content is then computed once per part).
+    content is then computed once per part). ``pack_size`` > 0 has the read tasks give the actors each computed
+    row's packed training image (column ``image``, for the features stage).
 
     A part whose rows copy another part's results is committed once that part's rows are all written (from its
     attempt files, or its table once committed); it never waits for the other part's *commit*, so two parts that
@@ -421,7 +430,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
     ds = ds.map_batches(read_part_batches, batch_size=1, batch_format="numpy", num_cpus=options.decode_num_cpus,
                         fn_kwargs={"plan": plan, "spec": preprocess.to_dict(), "max_pixels": options.max_pixels,
                                    "read_threads": options.read_threads, "chunk_rows": options.decode_batch_size,
-                                   "index": index})
+                                   "index": index, "pack_size": pack_size})
     ds = ds.map_batches(
         actor_cls, batch_size=options.batch_size, batch_format="numpy",
         fn_constructor_kwargs={**actor_kwargs, "device": "cuda" if gpus > 0 else "cpu"},
@@ -462,6 +471,7 @@ def run_parts(plan: PartsPlan, output: str, result_schema: pa.Schema, preprocess
             meter.errors += marker["errors"]
             result.errors += marker["errors"]
             result.deduplicated += marker["deduplicated"]
+            result.computed += marker.get("computed", 0)
             result.new_rows += marker["rows"]
             result.parts_run += 1
 

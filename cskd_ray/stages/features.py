@@ -36,8 +36,11 @@ from cskd_ray._version import __version__
 from cskd_ray.config import ConfigError, StrictModel, dump_config
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import FeatureCache, model_key
+from cskd_ray.io.layout import LayoutConfig, check_layout, check_parts_config, resolve_layout
+from cskd_ray.io.part_pass import CARRIED, run_parts
+from cskd_ray.io.parts import plan_parts
 from cskd_ray.io.preflight import check_paths, check_sources
-from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
+from cskd_ray.io.row_pipeline import PipelineOptions, ShardWriter, process_pending
 from cskd_ray.io.sources import expand_sources
 from cskd_ray.io.transforms import PreprocessSpec
 
@@ -58,7 +61,7 @@ class ClipConfig(StrictModel):
     seed: int = Field(0, description="Seed of random weights, so every actor builds the same model.")
 
 
-class FeaturesConfig(ImagePassConfig):
+class FeaturesConfig(LayoutConfig):
     """The features stage: sources → decode → CLIP actors → Parquet feature cache."""
 
     clip: ClipConfig = Field(default_factory=ClipConfig, description="The frozen CLIP image encoder.")
@@ -121,6 +124,7 @@ class FeaturesPlan:
     preprocess: PreprocessSpec
     meta: dict
     cached_digests: list[str]
+    layout: str = "table"  # parts: the inputs are planned into parts when the run starts (with Ray)
 
     @property
     def random_weights(self) -> bool:
@@ -151,23 +155,27 @@ def plan_features(cfg: FeaturesConfig) -> FeaturesPlan:
     """
     from cskd_ray.models import describe_clip
 
-    uris = expand_sources(cfg.input, cfg.max_images, cfg.seed)
+    layout = resolve_layout(cfg)
+    uris = expand_sources(cfg.input, cfg.max_images, cfg.seed) if layout == "table" else []
     clip = describe_clip(cfg.clip.name, cfg.clip.pretrained, seed=cfg.clip.seed)
     kind = "pooled+tokens" if cfg.tokens else "pooled"
     meta = {"model": cfg.clip.name, "weights": clip.weights, "random_weights": clip.random_weights,
             "preprocess": clip.preprocess.to_dict(), "dim": clip.dim, "kind": kind,
-            "feature_dtype": cfg.feature_dtype, "pack_size": cfg.pack_size,
+            "feature_dtype": cfg.feature_dtype, "pack_size": cfg.pack_size, "layout": layout,
             "model_key": model_key(cfg.clip.name, clip.weights, clip.preprocess, kind),
             "cskd_ray_version": __version__}
     if cfg.tokens:
         meta.update(token_layout(cfg.clip.name, clip.model))
     cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens, cfg.pack_size > 0)
     cache.check_meta(meta)
+    check_layout(cache, layout)
     existing = cache.read_meta()
     written = cfg.pack_size if existing is None else existing.get("pack_size", 0)  # earlier versions kept none
     if existing is not None and written != cfg.pack_size:
         raise ConfigError(f"pack_size: the cache {cfg.output} keeps training images at pack_size {written}; run with "
                           f"pack_size {written}, or write to a new output")
+    if layout == "parts":  # resume and dedup are the parts pass's (commit markers, content index)
+        return FeaturesPlan([], [], clip.preprocess, meta, [], layout)
     cached = cache.read(["uri", "sha256"])
     done = set(cached.column("uri").to_pylist())
     digests = sorted({d for d in cached.column("sha256").to_pylist() if d})
@@ -188,12 +196,22 @@ def run(cfg: FeaturesConfig, plan: FeaturesPlan | None = None,
     plan = plan or plan_features(cfg)
     cache = FeatureCache(cfg.output, cfg.feature_dtype, cfg.tokens, cfg.pack_size > 0)
     cache.ensure_meta(plan.meta)
+    actor_kwargs = {"clip": cfg.clip.model_dump(), "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
+                    "torch_threads": cfg.torch_threads, "actors": cfg.concurrency, "tokens": cfg.tokens}
+    if plan.layout == "parts":
+        parts = plan_parts(cfg.input, cfg.output, cfg.part_rows, cfg.max_images, cfg.id_column, cfg.columns,
+                           progress=progress)
+        done = run_parts(parts, cfg.output, cache.schema, plan.preprocess, ClipFeatureActor, actor_kwargs,
+                         PipelineOptions.from_config(cfg), "features", progress, None, cfg.content_shards,
+                         cfg.pack_size)
+        result = FeaturesResult(cfg.output, done.rows, done.rows_done_before, done.new_rows, done.computed,
+                                done.deduplicated, done.errors, time.perf_counter() - start, plan.random_weights)
+        _record_run(cache, cfg, result)
+        return result
     pending = plan.pending
     progress(f"features: {len(plan.uris)} inputs, {len(plan.uris) - len(pending)} already cached, "
              f"{len(pending)} to do")
     writer = ShardWriter(cache, "features", cfg.shard_rows, len(pending), progress)
-    actor_kwargs = {"clip": cfg.clip.model_dump(), "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
-                    "torch_threads": cfg.torch_threads, "actors": cfg.concurrency, "tokens": cfg.tokens}
     reused = process_pending(pending, plan.cached_digests, plan.preprocess, ClipFeatureActor, actor_kwargs,
                              PipelineOptions.from_config(cfg), writer, cfg.pack_size)
     result = FeaturesResult(cfg.output, len(plan.uris), len(plan.uris) - len(pending), writer.rows,
@@ -277,7 +295,11 @@ class ClipFeatureActor:
         if "image" in batch:  # the packed training image (cskd_ray.io.packing), kept with the feature
             images = zip(batch["image"], ok, strict=True)
             columns["image"] = pa.array([bytes(b) if is_ok else None for b, is_ok in images], pa.large_binary())
-        return pa.table({**columns, "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
+        out = pa.table({**columns, "error": pa.array(errors, pa.string()), "deferred": pa.array(deferred)})
+        for name in CARRIED:  # the parts layout's row keys (cskd_ray.io.part_pass)
+            if name in batch:
+                out = out.append_column(name, pa.array(np.asarray(batch[name], dtype=np.int32)))
+        return out
 
 
 def check(cfg: FeaturesConfig) -> None:
@@ -286,6 +308,7 @@ def check(cfg: FeaturesConfig) -> None:
 
     check_paths(cfg)
     check_sources(cfg)
+    check_parts_config(cfg)
     name = cfg.clip.name
     if not name.startswith("hf-hub:") and name not in list_clip_models():
         raise ConfigError(f"clip.name: {unknown_model('CLIP', name, list_clip_models())}")

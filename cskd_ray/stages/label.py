@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,37 +23,19 @@ from cskd_ray._version import __version__
 from cskd_ray.config import ConfigError
 from cskd_ray.io import storage
 from cskd_ray.io.feature_cache import LABEL_SCHEMA, ResultTable
+from cskd_ray.io.layout import LayoutConfig, check_layout, check_parts_config, resolve_layout
 from cskd_ray.io.part_pass import CARRIED, run_parts
-from cskd_ray.io.parts import check_sources_for_parts, is_container_source, plan_parts
+from cskd_ray.io.parts import plan_parts
 from cskd_ray.io.preflight import check_paths, check_sources
-from cskd_ray.io.row_pipeline import ImagePassConfig, PipelineOptions, ShardWriter, process_pending
-from cskd_ray.io.sources import SourceError, expand_sources
+from cskd_ray.io.row_pipeline import PipelineOptions, ShardWriter, process_pending
+from cskd_ray.io.sources import expand_sources
 from cskd_ray.io.transforms import PreprocessSpec
 
 
-class LabelConfig(ImagePassConfig):
+class LabelConfig(LayoutConfig):
     """Phase 2b: the teacher scores the unlabeled images → pseudo-label table (Parquet)."""
 
     model: str = Field(description="Model folder written by teacher (or distill): output/model.")
-    layout: Literal["auto", "table", "parts"] = Field(
-        "auto", description="table: shards keyed by URI, content deduplicated across the whole output. parts: the "
-        "collection is planned into parts, each computed, written and committed off the driver (WebDataset tars, "
-        "Parquet with image bytes, id and pass-through columns). auto: parts when an input is a tar or Parquet "
-        "with images or id_column/columns are set, else table."
-    )
-    part_rows: int = Field(10_000, ge=1, description="parts layout: inputs per part (the unit of work and resume).")
-    id_column: str | None = Field(
-        None, description="parts layout: the inputs' column (of a manifest or Parquet file; 'key' for tars) copied "
-        "to every output row as 'id'."
-    )
-    columns: list[str] = Field(
-        default_factory=list, description="parts layout: more input columns copied to every output row (tars always "
-        "keep key, json and txt)."
-    )
-    content_shards: int | None = Field(
-        None, ge=0, description="parts layout: actors of the content index that computes each content once across "
-        "parts and runs (default: one per 20 million inputs; 0: once per part only)."
-    )
 
 
 logger = logging.getLogger(__name__)
@@ -166,39 +147,6 @@ def score_missing(cfg: LabelConfig, stage: str, progress: Callable[[str], None] 
                              PipelineOptions.from_config(cfg), writer)
     return LabelResult(cfg.output, len(uris), len(uris) - len(pending), writer.rows, reused, writer.errors,
                        time.perf_counter() - start, model_id)
-
-
-def resolve_layout(cfg: LabelConfig) -> str:
-    """``table`` or ``parts``: ``auto`` is parts when an input needs it (a container, ids or pass-through columns)."""
-    if cfg.layout != "auto":
-        if cfg.layout == "table" and (cfg.id_column or cfg.columns or any(is_container_source(s) for s in cfg.input)):
-            raise ConfigError("layout: table cannot read WebDataset tars or Parquet with image bytes, nor keep "
-                              "id_column/columns; use layout: parts (or auto)")
-        return cfg.layout
-    parts = bool(cfg.id_column or cfg.columns) or any(is_container_source(s) for s in cfg.input)
-    return "parts" if parts else "table"
-
-
-def check_parts_config(cfg: LabelConfig) -> None:
-    """The parts layout's config checks, before Ray starts (weights, reserved column names).
-
-    Raises:
-        ConfigError: Names the key and why.
-    """
-    if resolve_layout(cfg) == "parts":
-        try:
-            check_sources_for_parts(cfg.input, cfg.columns)
-        except SourceError as exc:
-            raise ConfigError(str(exc)) from None
-
-
-def check_layout(table: ResultTable, layout: str) -> None:
-    """Refuse to add one layout's rows to an output written in the other (readers would mix them)."""
-    meta = table.read_meta()
-    found = meta.get("layout", "table") if meta else layout
-    if found != layout:
-        raise ConfigError(f"output {table.uri} is written in the {found} layout, not {layout}; choose another "
-                          f"output or layout: {found}")
 
 
 def run(cfg: LabelConfig, progress: Callable[[str], None] | None = None) -> LabelResult:

@@ -1,6 +1,6 @@
-"""Killed processes: a model actor (table layout) and a read task (parts layout) killed with SIGKILL mid-job, and a
-parts-layout job's driver killed on a running cluster and rerun (the session's ``ray start --head``, as a user's job
-on a cluster).
+"""Killed processes: a model actor (table layout), a read task and a writer task (parts layout) killed with SIGKILL
+mid-job, and a parts-layout job's driver killed on a running cluster and rerun (the session's ``ray start --head``,
+as a user's job on a cluster).
 
 All must end with one row per input, no duplicate, and (for the rerun) only the uncommitted parts computed. The table
 layout's rerun after lost shards is tested in tests/stages/test_score.py and test_features.py (partial runs).
@@ -83,8 +83,11 @@ def _assert_every_input_once(stage: str, output: Path, images: Path) -> None:
 # label's model actor (table layout; features runs the same row_pipeline, so this covers its actor restart too).
 # The parts layout's read task is killed mid-part: Ray runs it again (had it handed rows on already, they would
 # arrive twice; the driver counts each row once and the commit keeps one copy).
+# Its writer task is killed once a part is committed, while it writes another part's rows under _attempts/: Ray
+# runs it again, and the rows it wrote before dying (if any) are counted once and kept once.
 @pytest.mark.parametrize(("stage", "process", "layout"), [("label", "ScoreActor", "table"),
-                                                         ("label", "read_part_batches", "parts")])
+                                                         ("label", "read_part_batches", "parts"),
+                                                         ("label", "write_part_chunks", "parts")])
 def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
     ray_session, many_images: Path, model_dir: Path, tmp_path: Path, stage: str, process: str, layout: str
 ) -> None:
@@ -106,7 +109,8 @@ def test_killed_model_actor_mid_job_loses_and_duplicates_nothing(
     def kill_after_first_rows() -> None:  # a read task: as soon as one runs (it reads and decodes a whole part)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            if (layout == "parts" or rows_written()) and (pids := _actor_pids(process)):
+            early = process == "read_part_batches"  # a read task runs once per part: kill the first one
+            if (early or rows_written()) and (pids := _actor_pids(process)):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 killed.extend(pids)

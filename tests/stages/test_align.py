@@ -209,3 +209,44 @@ def test_align_trains_from_packed_images_without_reading_any_original(ray_sessio
     with pytest.raises(ConfigError, match=r"pack_size: the cache .* keeps training images at pack_size 40"):
         plan_features(load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
                                   ["pack_size=64"], input_uris=[str(demo_data / "images")], output_uri=cache))
+
+
+def test_features_in_the_parts_layout_from_a_tar_feed_align_with_packed_images(ray_session, demo_data: Path,
+                                                                                tmp_path: Path) -> None:
+    """A WebDataset tar (36 members, 4 of them repeating other members' bytes in other parts) through features in
+    the parts layout (parts of 12 rows, committed off the driver): one row per member with its tar key, copies
+    carry their source's feature and packed image, and align trains on the committed parts with the tar gone."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sample_collections import write_webdataset_tar
+
+    from cskd_ray.io.decode import decode_image
+    from cskd_ray.io.feature_cache import FeatureCache
+    from cskd_ray.io.part_pass import committed_parts
+
+    files = sorted(p for p in (demo_data / "images").iterdir() if p.suffix == ".jpg")[:32]
+    samples = [(f"{i:05d}", ".jpg", f.read_bytes()) for i, f in enumerate(files)]
+    samples += [(f"{100 + i:05d}", ".jpg", samples[i * 7][2]) for i in range(4)]  # repeats, in other parts
+    tar = write_webdataset_tar(tmp_path / "shard-00000.tar", samples)
+    cache = str(tmp_path / "features")
+    cfg = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
+                      ["batch_size=16", "pack_size=40", "part_rows=12"], input_uris=[str(tar)], output_uri=cache)
+    result = run_features(cfg)
+    assert committed_parts(cache) == {0, 1, 2} and result.new_rows == 36 and result.reused >= 4
+    table = FeatureCache(cache, packed=True).read()
+    assert FeatureCache(cache).read_meta()["layout"] == "parts"
+    assert sorted(table.column("key").to_pylist()) == sorted(key for key, _, _ in samples)
+    by_key = {row["key"]: row for row in table.to_pylist()}
+    ok = [row for row in by_key.values() if row["error"] is None]
+    assert {row["key"] for row in ok} == {key for key, _, data in samples if decode_image(data).ok}
+    assert all(min(Image.open(io.BytesIO(row["image"])).size) == 40 for row in ok)
+    for i in range(4):
+        copy, source = by_key[f"{100 + i:05d}"], by_key[f"{i * 7:05d}"]
+        assert copy["sha256"] == source["sha256"] and copy["image"] == source["image"]
+        if source["error"] is None:
+            np.testing.assert_array_equal(copy["feature"], source["feature"])
+    tar.unlink()
+    trained = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16")
+    assert trained.steps == 2 and trained.rows == len(ok) and trained.metrics["loss"] > 0
