@@ -27,8 +27,10 @@ def table_dataset(table: pa.Table, rows_per_block: int) -> Any:
     return ray.data.from_blocks(blocks)
 
 
-def parquet_dataset(paths: Sequence[str], filesystem: Any, columns: list[str]) -> Any:
+def parquet_dataset(paths: Sequence[str], filesystem: Any, columns: list[str], shuffle: Any = None) -> Any:
     """A Ray dataset of ``columns`` of the Parquet files ``paths`` (already listed, e.g. a table's shards).
+
+    ``shuffle`` is read_parquet's (a ``ray.data.FileShuffleConfig``: the files' order drawn per execution).
 
     Read through Ray Data's V1 Parquet datasource. The V2 one (Ray 2.60's default) provisions a pool of 32
     ``FooterReader`` actors for every listing, even of files whose paths are given: on a 2-core machine each
@@ -41,6 +43,6 @@ def parquet_dataset(paths: Sequence[str], filesystem: Any, columns: list[str]) -
     context = DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(list(paths), filesystem=filesystem, columns=columns)
+        return ray.data.read_parquet(list(paths), filesystem=filesystem, columns=columns, shuffle=shuffle)
     finally:
         context.use_datasource_v2 = previous

@@ -18,6 +18,7 @@ the original; only the resampling differs (twice instead of once, and JPEG's los
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image
 
@@ -31,8 +32,10 @@ def pack_image(original: bytes, image: Image.Image, pack_size: int) -> bytes:
     side is still at least ``pack_size``: :func:`cskd_ray.io.decode.decode_image`'s ``draft_size``).
     """
     try:
-        stored = Image.open(io.BytesIO(original)).size  # the file's own size (header only): ``image`` may be a draft
-    except Exception:  # noqa: BLE001 - it decoded once already; fall back to the decoded size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decided at decode
+            stored = Image.open(io.BytesIO(original)).size  # the file's own size (header only): ``image`` may be
+    except Exception:  # noqa: BLE001 - a draft; it decoded once already: fall back to the decoded size
         stored = image.size
     if min(stored) <= pack_size:
         return original

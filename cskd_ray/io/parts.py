@@ -50,7 +50,7 @@ TAR_COLUMNS = ("key", "json", "txt")  # kept from every WebDataset sample
 INDEX_COLUMNS = ("uri", "container", "offset", "size")
 # Names a pass-through column cannot take: the index's, the pass's and the result tables' own columns.
 RESERVED_COLUMNS = frozenset({*INDEX_COLUMNS, "unit", "part", "row", "rep", "deferred", "id", "sha256", "score",
-                              "distribution", "model", "error", "feature", "tokens", "pixels"})
+                              "distribution", "model", "error", "feature", "tokens", "image", "pixels"})
 
 
 def check_columns(columns: Sequence[str]) -> None:

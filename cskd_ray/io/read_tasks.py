@@ -84,7 +84,10 @@ def decode_rows(contents: list[bytes | None], rows: list[int], errors: list[str]
         if decoded.ok:
             pixels[i] = resize_crop(decoded.image, preprocess)
             if packing:
-                packed[i] = pack_image(contents[i], decoded.image, pack_size)
+                try:
+                    packed[i] = pack_image(contents[i], decoded.image, pack_size)
+                except Exception:  # noqa: BLE001 - no input may crash a job: the row keeps no copy (training reads
+                    packed[i] = b""  # its URI instead)
         errors[i] = decoded.error or ""
     return pixels
 

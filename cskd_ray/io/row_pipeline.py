@@ -85,13 +85,17 @@ class PipelineOptions:
         return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
 
 
+SHARD_BYTES = 512 << 20  # a shard is also written once its buffered rows hold this much (packed images, token maps)
+DEFERRED_CHUNK = 50_000  # contents whose copies are resolved per cache read at the end of a pass
+
+
 class ShardWriter:
-    """Buffers result rows and writes them to the table in shards of ``shard_rows``, with progress lines."""
+    """Buffers result rows and writes them in shards of ``shard_rows`` (or :data:`SHARD_BYTES`), with progress lines."""
 
     def __init__(self, table: FeatureCache, stage: str, shard_rows: int, total: int,
                  progress: Callable[[str], None]) -> None:
         self.table, self.stage, self.shard_rows, self.total = table, stage, shard_rows, total
-        self.progress, self.buffer = progress, []
+        self.progress, self.buffer, self.buffered_bytes = progress, [], 0
         self.rows = self.errors = self.read_errors = 0
         self.reported = -1  # rows at the last progress line
         self.start = self.last_report = time.perf_counter()
@@ -102,10 +106,11 @@ class ShardWriter:
             return
         rows = rows.select(self.table.schema.names).cast(self.table.schema)
         self.buffer.append(rows)
+        self.buffered_bytes += rows.nbytes
         self.rows += len(rows)
         self.errors += len(rows) - rows.column("error").null_count
         self.read_errors += rows.column("sha256").null_count
-        if sum(len(t) for t in self.buffer) >= self.shard_rows:
+        if sum(len(t) for t in self.buffer) >= self.shard_rows or self.buffered_bytes >= SHARD_BYTES:
             self.flush()
         if time.perf_counter() - self.last_report > 5:
             self.report()
@@ -114,7 +119,7 @@ class ShardWriter:
         """Write whatever is buffered as one shard."""
         if self.buffer:
             self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks())
-            self.buffer = []
+            self.buffer, self.buffered_bytes = [], 0
 
     def report(self) -> None:
         """Print one progress line (none when no row was added since the last one)."""
@@ -203,7 +208,10 @@ def process_pending(pending: list[str], known: list[str], preprocess: Preprocess
     uris_by_digest: dict[str, list[str]] = defaultdict(list)
     for uri, digest in deferred:
         uris_by_digest[digest].append(uri)
-    writer.add(expand_to_uris(writer.table.lookup(set(uris_by_digest)), uris_by_digest))
+    digests = sorted(uris_by_digest)
+    for start in range(0, len(digests), DEFERRED_CHUNK):  # bounded reads: rows may hold packed images
+        chunk = {d: uris_by_digest[d] for d in digests[start:start + DEFERRED_CHUNK]}
+        writer.add(expand_to_uris(writer.table.lookup(set(chunk)), chunk))
     writer.flush()
     writer.report()
     return len(deferred)

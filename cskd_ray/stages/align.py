@@ -96,10 +96,17 @@ def run(cfg: AlignConfig) -> AlignResult:
     meta = FeatureCache(cfg.input).read_meta() or {}
     probe = create_encoder(cfg.encoder.name, cfg.encoder.pretrained,  # fails fast on a bad name, size or weights
                            image_size=cfg.encoder.image_size)
+    packed = int(meta.get("pack_size") or 0)
+    if 0 < packed < probe.preprocess.image_size:
+        raise ConfigError(f"encoder: {cfg.encoder.name} takes {probe.preprocess.image_size} px images, but the cache "
+                          f"{cfg.input} keeps them at pack_size {packed} (they would be upsampled); use a cache "
+                          f"written with pack_size >= {probe.preprocess.image_size} (or 0), or encoder.image_size <= "
+                          f"{packed}")
     tokens = cfg.loss == "smooth_l1_tokens"
     target_dim = check_token_grids(cfg, meta, probe.model) if tokens and meta else int(meta.get("dim", 0))
     dataset, rows = training_dataset(cfg.input, probe.preprocess, cfg.decode_batch_size, cfg.max_pixels,
-                                     "tokens" if tokens else "feature", cfg.train.seed)
+                                     "tokens" if tokens else "feature", cfg.train.seed,
+                                     reshuffle_each_epoch=cfg.train.shuffle and not cfg.train.deterministic)
     world, batch = cfg.train.num_workers, cfg.train.batch_size
     if batch % world:
         raise ConfigError(f"train.batch_size {batch} must be a multiple of train.num_workers {world}")

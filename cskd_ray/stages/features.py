@@ -171,7 +171,9 @@ def plan_features(cfg: FeaturesConfig) -> FeaturesPlan:
     check_layout(cache, layout)
     existing = cache.read_meta()
     written = cfg.pack_size if existing is None else existing.get("pack_size", 0)  # earlier versions kept none
-    if existing is not None and written != cfg.pack_size:
+    if written != cfg.pack_size and "pack_size" not in cfg.model_fields_set:
+        cfg.pack_size = meta["pack_size"] = written  # not asked for: an existing cache keeps its own
+    if written != cfg.pack_size:
         raise ConfigError(f"pack_size: the cache {cfg.output} keeps training images at pack_size {written}; run with "
                           f"pack_size {written}, or write to a new output")
     if layout == "parts":  # resume and dedup are the parts pass's (commit markers, content index)
@@ -268,10 +270,15 @@ class ClipFeatureActor:
         return pooled.float().cpu().numpy(), tokens.float().flatten(1).cpu().numpy()
 
     def _list_column(self, values: np.ndarray, ok: np.ndarray) -> pa.Array:
+        """One large list per row, null where ``ok`` is false.
+
+        64-bit offsets: the parts layout's commit takes rows of many blocks at once, and 10,000 ViT-L/14 token maps
+        hold more values than a ``list``'s 32-bit offsets can address.
+        """
         width = values.shape[1]
-        offsets = pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=self.value_type),
-                                        mask=pa.array(~ok))
+        offsets = pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int64))
+        return pa.LargeListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=self.value_type),
+                                             mask=pa.array(~ok))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Embed the rows to compute; return ``uri, sha256, feature, [tokens], [image], error, deferred``."""

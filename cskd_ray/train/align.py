@@ -115,14 +115,18 @@ def check_token_grids(cfg: Any, meta: dict, encoder: nn.Module) -> int:
 
 
 def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: int, max_pixels: int,
-                     column: str = "feature", seed: int = 0) -> tuple[Any, int]:
+                     column: str = "feature", seed: int = 0, reshuffle_each_epoch: bool = False) -> tuple[Any, int]:
     """The Ray dataset of (pixels, CLIP target) for every cached row with a feature, and its row count.
 
-    ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps). The shards are read in
-    an order drawn from ``seed``; a cache written with ``pack_size`` > 0 gives each row's image from its
-    ``image`` column (no original is read). The driver reads the shards' footers only
+    ``column`` is ``feature`` (pooled embeddings) or ``tokens`` (flattened token maps). The shards (table shards
+    or committed parts) are read in an order drawn from ``seed``: the same every epoch, so that a resumed epoch
+    skips exactly the batches it had done (``train.deterministic``), or, with ``reshuffle_each_epoch``, drawn
+    again from (``seed``, execution) at every epoch. A cache written with ``pack_size`` > 0 gives each row's
+    image from its ``image`` column (no original is read). The driver reads the shards' footers only
     (:meth:`cskd_ray.io.feature_cache.ResultTable.count_rows`), never their rows.
     """
+    from ray.data import FileShuffleConfig
+
     cache = FeatureCache(cache_uri)
     meta = cache.read_meta()
     shards = cache.shards()
@@ -134,7 +138,8 @@ def training_dataset(cache_uri: str, spec: PreprocessSpec, decode_batch_size: in
     fs, _ = storage.resolve(cache_uri)
     order = np.random.default_rng(seed).permutation(len(shards))
     columns = ["uri", column, "error"] + (["image"] if meta.get("pack_size") else [])
-    ds = parquet_dataset([storage.resolve(shards[i])[1] for i in order], fs, columns)
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if reshuffle_each_epoch else None
+    ds = parquet_dataset([storage.resolve(shards[i])[1] for i in order], fs, columns, shuffle)
     ds = ds.map_batches(as_large_lists, batch_size=None, batch_format="pyarrow")  # one type across shard versions
     ds = ds.map_batches(decode_cached_rows, batch_size=decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"spec": spec.to_dict(), "max_pixels": max_pixels, "column": column,

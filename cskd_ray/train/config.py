@@ -57,7 +57,8 @@ class TrainerConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best by val_srcc when the stage "
                                   "validates, else the latest.")
     max_failures: int = Field(0, ge=0, description="Worker failures to recover from (restart from checkpoint).")
-    shuffle: bool = Field(True, description="Shuffle within a local buffer each epoch (seeded).")
+    shuffle: bool = Field(True, description="Shuffle within a local buffer each epoch (seeded); align also reads "
+                          "the feature cache's shards in a new order each epoch unless deterministic.")
     deterministic: bool = Field(
         False, description="Keep Ray Data's row order (slower ingest) so a run can be repeated bit for bit, and a "
         "resumed run sees exactly the batches it had not trained on yet."

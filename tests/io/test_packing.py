@@ -89,5 +89,5 @@ def test_row_counts_come_from_the_shards_footers_and_match_a_scan(tmp_path: Path
 @pytest.mark.parametrize("pack_size", [0, 64])
 def test_a_feature_cache_schema_has_an_image_column_only_when_packed(pack_size: int) -> None:
     names = FeatureCache("unused", packed=pack_size > 0).schema.names
-    assert names == ["uri", "sha256", "feature", "image", "error"] if pack_size else ["uri", "sha256", "feature",
-                                                                                     "error"]
+    expected = ["uri", "sha256", "feature", "image", "error"] if pack_size else ["uri", "sha256", "feature", "error"]
+    assert names == expected

@@ -203,12 +203,18 @@ def test_align_trains_from_packed_images_without_reading_any_original(ray_sessio
     spec = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
     decoded = decode_cached_rows(ok, spec, 10**8)
     assert decoded["valid"].tolist() == [1] * len(ok)
-    result = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16")
+    result = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16", "encoder.name=test_resnet",
+                    "encoder.image_size=32")
     assert result.steps == 2 and result.rows == len(ok)
     assert result.metrics["loss"] > 0  # rows that could not be decoded would leave a zero loss
     with pytest.raises(ConfigError, match=r"pack_size: the cache .* keeps training images at pack_size 40"):
         plan_features(load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml",
                                   ["pack_size=64"], input_uris=[str(demo_data / "images")], output_uri=cache))
+    rerun = load_config("features", REPO / "jobs" / "configs" / "demo" / "features.yaml", [],
+                        input_uris=[str(demo_data / "images")], output_uri=cache)
+    assert plan_features(rerun).meta["pack_size"] == rerun.pack_size == 40  # not set: the cache's own value
+    with pytest.raises(ConfigError, match=r"takes 64 px images, but the cache .* keeps them at pack_size 40"):
+        _align(cache, tmp_path / "too-large", "encoder.name=test_resnet", "encoder.image_size=64")
 
 
 def test_features_in_the_parts_layout_from_a_tar_feed_align_with_packed_images(ray_session, demo_data: Path,
@@ -248,5 +254,45 @@ def test_features_in_the_parts_layout_from_a_tar_feed_align_with_packed_images(r
         if source["error"] is None:
             np.testing.assert_array_equal(copy["feature"], source["feature"])
     tar.unlink()
-    trained = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16")
+    trained = _align(cache, tmp_path / "out", "train.max_steps=2", "train.batch_size=16", "encoder.name=test_resnet",
+                    "encoder.image_size=32")
     assert trained.steps == 2 and trained.rows == len(ok) and trained.metrics["loss"] > 0
+
+
+@pytest.mark.parametrize("reshuffle", [True, False])
+def test_the_shard_order_is_drawn_again_each_epoch_unless_deterministic(ray_session, tmp_path: Path,
+                                                                        reshuffle: bool) -> None:
+    """Six one-row shards read twice (two epochs) in file order (preserve_order): with the per-epoch reshuffle the
+    two orders differ (the chance that two draws of 6! orders agree is 1/720, and the seed is fixed), without it
+    they are the same."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+    from ray.data import DataContext
+
+    from cskd_ray.io.feature_cache import FeatureCache, feature_schema
+    from cskd_ray.io.transforms import PreprocessSpec
+    from cskd_ray.train.align import training_dataset
+
+    sink = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 200)).save(sink, format="PNG")
+    cache = FeatureCache(str(tmp_path / "cache"), packed=True)
+    cache.ensure_meta({"model_key": "k", "dim": 2, "pack_size": 16})
+    for k in range(6):
+        cache.write_shard(pa.table({"uri": [f"gone-{k}.png"], "sha256": [f"d{k}"],
+                                    "feature": pa.array([[float(k), 0.0]], pa.large_list(pa.float16())),
+                                    "image": pa.array([sink.getvalue()], pa.large_binary()),
+                                    "error": pa.nulls(1, pa.string())}, schema=feature_schema(packed=True)))
+    context = DataContext.get_current()
+    before, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        ds, rows = training_dataset(cache.uri, PreprocessSpec(16, (0.5,) * 3, (0.5,) * 3), 4, 10**8, seed=3,
+                                    reshuffle_each_epoch=reshuffle)
+        epochs = [[int(row["target"][0]) for row in ds.iter_rows()] for _ in range(2)]
+    finally:
+        context.execution_options.preserve_order = before
+    assert rows == 6 and all(sorted(order) == list(range(6)) for order in epochs)
+    assert (epochs[0] != epochs[1]) is reshuffle, epochs
+    assert np.all([row["valid"] for row in ds.take_all()])

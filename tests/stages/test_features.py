@@ -111,6 +111,8 @@ def test_partial_run_full_run_rerun_and_added_images_compute_only_what_is_missin
     assert len(uris) == len(set(uris)) == first.inputs + 3
     by_uri = dict(zip(uris, table.column("feature").to_pylist(), strict=True))
     assert by_uri[str(images / "copy-of-first.jpg")] == by_uri[str(good[0])]
+    packed = dict(zip(uris, table.column("image").to_pylist(), strict=True))
+    assert packed[str(images / "copy-of-first.jpg")] == packed[str(good[0])] == good[0].read_bytes()
     with pytest.raises(ConfigError, match=r"holds results of cskd-tiny-vit .*choose another output"):
         plan_features(_cfg([str(images)], out, "clip.seed=1"))
 
