@@ -116,9 +116,13 @@ class ShardWriter:
             self.report()
 
     def flush(self) -> None:
-        """Write whatever is buffered as one shard."""
+        """Write whatever is buffered as one shard, its rows sorted by URI.
+
+        Rows arrive in the order Ray Data's tasks finish, which differs from run to run; sorted, a pass that fits
+        in one shard writes the same table every time, so training that reads it (align, distill) repeats too.
+        """
         if self.buffer:
-            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks())
+            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks().sort_by("uri"))
             self.buffer, self.buffered_bytes = [], 0
 
     def report(self) -> None:
