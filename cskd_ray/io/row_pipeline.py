@@ -116,13 +116,9 @@ class ShardWriter:
             self.report()
 
     def flush(self) -> None:
-        """Write whatever is buffered as one shard, its rows sorted by URI.
-
-        Rows arrive in the order Ray Data's tasks finish, which differs from run to run; sorted, a pass that fits
-        in one shard writes the same table every time, so training that reads it (align, distill) repeats too.
-        """
+        """Write whatever is buffered as one shard."""
         if self.buffer:
-            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks().sort_by("uri"))
+            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks())
             self.buffer, self.buffered_bytes = [], 0
 
     def report(self) -> None:
