@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+# Every Ray of the session (ray_session, ray_head, the multi-node Cluster) on 127.0.0.1, not on the machine's network
+# address that Ray substitutes for 127.0.0.1 otherwise (cskd_ray.app.runtime.LOCAL_RAY_ENV says more).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs" / "demo"
@@ -51,21 +54,28 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server: str) -> Iterator[None]:
+def ray_session(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray for the whole session: 2 logical CPUs, bound to 127.0.0.1, dashboard on 127.0.0.1.
 
     It starts after the S3 server so that its workers inherit the endpoint and test credentials. It declares
     the Tune trial-driver resource and runs the dashboard (on loopback) as ``init_ray`` does (ASHA-stopped
     trials' placement groups are freed by ``cskd_ray.stages.tune_release`` without it; Ray's state API needs it); it
-    costs no measurable start-up time here.
+    costs no measurable start-up time here. Its workers run ``tests/fault_injection.py``'s setup hook, which lets a
+    test have one worker kill itself at a chosen write.
     """
     import ray
+    from fault_injection import FAULTS_DIR_ENV
 
     from cskd_ray.train.placement import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
 
+    os.environ[FAULTS_DIR_ENV] = str(tmp_path_factory.mktemp("faults"))
+    tests = str(Path(__file__).resolve().parent)
+    python_path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_host="127.0.0.1", resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path},
+                          "worker_process_setup_hook": "fault_injection.install"})
     try:
         from ray.data import DataContext
 

@@ -61,6 +61,7 @@ def own_ray_env(token_dir: Path, **extra: str) -> dict[str, str]:
             # as tests/conftest.py sets for the session's Ray: Train controllers poll every 0.25 s, not 2 s
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # 127.0.0.1, not the machine's address (tests/conftest.py)
             **extra,
         }
     )

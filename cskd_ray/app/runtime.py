@@ -24,7 +24,12 @@ logger = logging.getLogger(__name__)
 # A local Ray's Train settings. The controller polls its workers every HEALTH_CHECK_INTERVAL (2 s by default)
 # and waits a few intervals per run (start, each state change, end): 0.25 s took a 2-step run on 2 cores from
 # 23-25 s to 19 s. No preemption watcher: a local machine is not a spot instance. A user's own value wins.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Loopback only: Ray turns a node IP of 127.0.0.1 into the machine's own address (``resolve_ip_for_localhost``), so a
+# "127.0.0.1" local Ray still registered its node, GCS and workers on the network interface's address (seen:
+# 192.0.2.2). With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray keeps 127.0.0.1 (the single-node mode it uses on
+# macOS); a local Ray has no other node to reach it.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 THIRD_PARTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "open_clip", "timm", "root")
 _console = {"quiet": False}  # set by configure_console (the CLI); a library user's own logging is left alone
 
@@ -57,7 +62,7 @@ def configure_console(verbose: bool) -> None:
 def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray.
 
-    A local Ray binds to 127.0.0.1 only, starts no dashboard, and ignores a stale
+    A local Ray registers itself on 127.0.0.1 only (:data:`LOCAL_RAY_ENV`), and ignores a stale
     ``ray_current_cluster`` file left by a killed run (``address="local"``).
 
     Args:

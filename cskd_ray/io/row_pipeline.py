@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
@@ -116,9 +117,13 @@ class ShardWriter:
             self.report()
 
     def flush(self) -> None:
-        """Write whatever is buffered as one shard."""
+        """Write whatever is buffered as one shard, its rows sorted by URI.
+
+        Rows arrive in the order Ray Data's tasks finish, which differs from run to run; sorted, a pass that fits in
+        one shard writes the same table every time, so training that reads it (align, distill) repeats too.
+        """
         if self.buffer:
-            self.table.write_shard(pa.concat_tables(self.buffer).combine_chunks())
+            self.table.write_shard(sorted_by_uri(pa.concat_tables(self.buffer)))
             self.buffer, self.buffered_bytes = [], 0
 
     def report(self) -> None:
@@ -129,6 +134,22 @@ class ShardWriter:
         rate = self.rows / max(self.last_report - self.start, 1e-9)
         self.progress(f"{self.stage}: {self.rows}/{self.total} rows ({100 * self.rows / max(self.total, 1):.1f}%), "
                       f"{rate:.1f} img/s, {self.errors} errors")
+
+
+def sorted_by_uri(table: pa.Table) -> pa.Table:
+    """``table``'s rows sorted by ``uri``, in one contiguous copy (as ``combine_chunks`` makes).
+
+    Built from zero-copy slices (one per run of rows already in order) rather than ``Table.take``: taking rows of a
+    list column builds an int64 index per list *value*, four times a float16 token map's own size (a shard of
+    ViT-L/14 token maps holds billions of values).
+    """
+    if len(table) < 2:
+        return table.combine_chunks()
+    order = pc.sort_indices(table.column("uri")).to_numpy()
+    breaks = np.flatnonzero(np.diff(order) != 1) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(order)]])
+    runs = [table.slice(int(order[start]), int(end - start)) for start, end in zip(starts, ends, strict=True)]
+    return pa.concat_tables(runs).combine_chunks()
 
 
 def expand_to_uris(table: pa.Table, uris_by_digest: dict[str, list[str]]) -> pa.Table:

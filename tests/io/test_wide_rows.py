@@ -118,3 +118,26 @@ def test_a_block_of_only_error_rows_decodes_to_no_rows_of_the_targets_width() ->
                                       "error": ["read error: gone", "not an image"]}))
     rows = decode_cached_rows(errors, spec.to_dict(), max_pixels=1 << 20, width=2)
     assert rows["pixels"].shape == (0, 8, 8, 3) and rows["target"].shape == (0, 2) and rows["valid"].shape == (0,)
+
+
+def test_a_shard_is_the_same_table_whatever_order_its_rows_arrive_in() -> None:
+    """Rows come back in the order Ray Data's tasks finish; the shard is sorted by URI, each row whole (its token
+    map and digest move with it), so two runs of a pass write the same table."""
+    rng = np.random.default_rng(0)
+    rows, width = 50, 6
+    values = rng.standard_normal((rows, width)).astype(np.float16)
+    full = pa.table({"uri": [f"img/{i:03d}.jpg" for i in range(rows)], "sha256": [f"{i:064x}" for i in range(rows)],
+                     "tokens": pa.LargeListArray.from_arrays(pa.array(np.arange(rows + 1) * width, pa.int64()),
+                                                             pa.array(values.ravel())),
+                     "error": pa.nulls(rows, pa.string())})
+    shards = []
+    for _ in range(3):
+        order = rng.permutation(rows)
+        recorder = _Recorder(full.schema)
+        writer = ShardWriter(recorder, "features", rows, rows, progress=lambda line: None)
+        for chunk in np.array_split(order, 7):  # batches of arbitrary rows, in arbitrary order
+            writer.add(full.take(pa.array(chunk)))
+        writer.flush()
+        assert len(recorder.shards) == 1 and recorder.shards[0].column("tokens").num_chunks == 1
+        shards.append(recorder.shards[0])
+    assert all(shard.equals(full) for shard in shards)
